@@ -1,0 +1,3 @@
+from raysegm.cli import main
+
+raise SystemExit(main())

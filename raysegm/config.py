@@ -1,0 +1,241 @@
+"""Every default of raysegm, in one place, with one comment each.
+
+An experiment is a frozen dataclass tree (`ExperimentConfig`). Presets are YAML files in `configs/`
+(read with `yaml.safe_load`); the command line overrides single keys with `--set train.epochs=3`.
+At the Ray boundary the tree becomes a plain dict (`to_dict`) and is rebuilt with `from_dict`.
+Our names end in `Settings` so they never shadow Ray's `ScalingConfig`, `DataConfig`, `TuneConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    data_dir: str = ""  # dataset root in any supported layout (kaggle_3m, image folder, NIfTI)
+    manifest: str = ""  # prepared manifest (Parquet); built from data_dir when empty
+    synthetic_patients: int = 12  # used when neither data_dir nor manifest is given: synthetic data
+    synthetic_slices: int = 16  # slices per synthetic patient
+    size: int = 256  # square side the slices are resized to (paper 4.1: 256x256)
+    in_channels: int = 3  # pre-contrast, FLAIR, post-contrast
+    normalize: str = "scale"  # "scale": uint8/255, volumes min-max; "volume_zscore": per-volume clip + z-score
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)  # for volume_zscore, per channel over the volume
+    augment: bool = True  # paper 4.1 augmentation on the training split only
+    rotate_limit: float = 40.0  # degrees
+    shift_limit: float = 0.2  # fraction of the side
+    zoom_limit: float = 0.2  # +-20%
+    shear_limit: float = 10.0  # degrees (the paper gives no value)
+    hflip: bool = True
+    split_seed: int = 0  # the patient-level split is a function of this seed alone
+    val_fraction: float = 0.2  # 60/20/20 by patient
+    test_fraction: float = 0.2
+    folds: int = 0  # k for k-fold cross-validation; 0 = plain split
+    fold: int = 0  # which fold is the validation fold when folds > 0
+    tumor_oversample: float = 1.0  # sampling weight of tumor slices relative to tumor-free ones
+    read_cpus: float = 0.25  # CPUs per Ray Data decode/augment task
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    variant: str = "unet"  # registry key: unet, unet_attention, unet_resnet50, unet_resnet50_attention
+    encoder: str = "resnet50"  # encoder of the ResNet variants (resnet18/34 for CPU runs)
+    encoder_weights: str = "none"  # none, imagenet, or a local weights file
+    encoder_depth: int = 4  # skips at conv1, conv2_x, conv3_x, bridge at conv4_x (paper 4.3.3)
+    decoder_channels: tuple[int, ...] = (512, 256, 128, 64)  # paper 4.3.3-4.3.4
+    freeze_stages: int = 0  # 0: train all; N >= 1 freezes the stem and the first N-1 residual stages
+    unet_width: int = 64  # filters of the classic U-Net's first level (paper 4.3.1), doubling per level
+    unet_depth: int = 4  # poolings of the classic U-Net
+    upsample: str = "transpose"  # classic U-Net up path: "transpose" or "bilinear"
+    attention_mode: str = "parallel"  # dual attention: "parallel" (paper 3.2) or "sequential" (CBAM)
+    attention_reduction: int = 16  # channel attention reduction ratio r (paper 4.3.2)
+    attention_kernel: int = 7  # spatial attention kernel size k (paper 4.3.2)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    loss: str = "bce"  # bce, dice, bce_dice
+    optimizer: str = "adam"  # adam or adamw
+    lr: float = 1e-4  # paper 4.3
+    weight_decay: float = 0.0
+    schedule: str = "none"  # none or cosine (with warm-up)
+    warmup_epochs: int = 0
+    epochs: int = 20  # paper 4.3.1
+    batch_size: int = 16  # global batch, split across workers (paper 4.3.1)
+    precision: str = "fp32"  # fp32, bf16 or fp16 autocast (fp16 only on CUDA)
+    seed: int = 0  # model init, sampling and augmentation
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    num_workers: int = 2  # Ray Train data-parallel workers
+    use_gpu: bool = False  # one GPU per worker when true
+    cpus_per_worker: float = 0.5  # fractional so Ray Data tasks still fit on 2 cores (ray-notes.md)
+    gpus_per_worker: float = 1.0  # only read when use_gpu
+    torch_threads: int = 1  # torch intra-op threads per worker; Ray sets OMP_NUM_THREADS=1 at 0.5 CPU
+    ray_address: str = ""  # "" starts or joins a local Ray; "auto" joins a running cluster
+    local_num_cpus: int = 4  # logical CPUs for a local ray.init (above the 2 physical, see ray-notes.md)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    name: str = "run"  # run folder under storage_path; an existing one needs --resume
+    storage_path: str = "runs"  # local path or URI every node can reach
+    num_to_keep: int = 1  # best checkpoints kept by per-patient Dice (the latest is always kept too)
+    max_failures: int = 2  # worker failures a run survives (Ray Train FailureConfig)
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    variants: tuple[str, ...] = ("unet", "unet_attention", "unet_resnet50", "unet_resnet50_attention")
+    batch_sizes: tuple[int, ...] = (10, 16, 32)  # the paper's three batch sizes
+    losses: tuple[str, ...] = ("bce", "dice")
+    extra_axes: dict = field(default_factory=dict)  # more grid axes, e.g. {"train.lr": [1e-4, 3e-4]}
+    asha: bool = False  # early stopping on validation per-patient Dice; off reproduces the full grid
+    asha_grace_epochs: int = 2
+    max_concurrent_trials: int = 1  # trials at once; each holds num_workers Train workers
+    trial_cpus: float = 0.01  # the Tune function only drives a TorchTrainer (0 is refused)
+
+
+@dataclass(frozen=True)
+class InferSettings:
+    batch_size: int = 16  # slices per map_batches call
+    replicas: int = 1  # model replicas (actors): one per GPU on a cluster
+    cpus_per_replica: float = 0.5  # fractional, see ray-notes.md
+    gpus_per_replica: float = 0.0  # 1 on a GPU cluster
+    torch_threads: int = 2  # torch intra-op threads per replica
+    tta: bool = False  # horizontal-flip test-time augmentation
+    postprocess: str = "none"  # none or lcc (largest 3D connected component per volume)
+    threshold: float = 0.5  # tumor where probability > threshold (the metric contract)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    scale: ScaleSettings = field(default_factory=ScaleSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    infer: InferSettings = field(default_factory=InferSettings)
+
+
+# ---------------------------------------------------------------------------------------------------
+# dict <-> dataclass, YAML presets and --set overrides
+
+
+def to_dict(config) -> dict:
+    """The config as plain JSON-able types (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _coerce(value, annotation, key: str):
+    """Check and convert one value against a field's type; a wrong type is an error, not a string."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{key}: expected a string, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(annotation)
+        item_type = args[0]
+        if len(args) == 2 and args[1] is not Ellipsis:
+            if len(value) != 2:
+                raise ValueError(f"{key}: expected 2 values, got {value!r}")
+            return tuple(_coerce(v, t, key) for v, t in zip(value, args))
+        return tuple(_coerce(v, item_type, key) for v in value)
+    if annotation is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ValueError(f"{key}: expected a mapping, got {value!r}")
+    raise TypeError(f"{key}: unsupported field type {annotation!r}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(prefix + k for k in sorted(unknown))}")
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{name}: expected a mapping, got {value!r}")
+            kwargs[name] = _build(annotation, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, annotation, prefix + name)
+    return cls(**kwargs)
+
+
+def from_dict(values: dict) -> ExperimentConfig:
+    """Rebuild the tree from a (possibly partial) dict; unknown keys and wrong types raise ValueError."""
+    return _build(ExperimentConfig, values or {})
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "extra_axes":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`train.epochs=3` -> (["train", "epochs"], 3); the value is parsed as YAML (safe_load)."""
+    if "=" not in text:
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Defaults, then the YAML preset at `path`, then each `key=value` override, checked by type."""
+    values: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config must be a mapping of sections")
+        values = loaded
+    for text in overrides:
+        keys, value = parse_override(text)
+        update: dict = {keys[-1]: value}
+        for key in reversed(keys[:-1]):
+            update = {key: update}
+        values = _merge(values, update)
+    return from_dict(values)
+
+
+def replace(config: ExperimentConfig, **sections) -> ExperimentConfig:
+    """`replace(cfg, train={"epochs": 3})`: a copy with some keys of some sections changed."""
+    return from_dict(_merge(to_dict(config), sections))
+
+
+def save_json(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
