@@ -40,6 +40,7 @@ class DataSettings:
     fold: int = 0  # which fold is the validation fold when folds > 0
     tumor_oversample: float = 1.0  # sampling weight of tumor slices relative to tumor-free ones
     read_cpus: float = 0.25  # CPUs per Ray Data decode/augment task
+    read_tasks: int = 2  # most decode/augment tasks at once (0: no cap); few stay warm across epochs
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class ScaleSettings:
     use_gpu: bool = False  # one GPU per worker when true
     cpus_per_worker: float = 0.5  # fractional so Ray Data tasks still fit on 2 cores (ray-notes.md)
     gpus_per_worker: float = 1.0  # only read when use_gpu
+    worker_resources: dict = field(default_factory=dict)  # custom resources per Train worker, e.g. {"node2": 0.5}
     torch_threads: int = 1  # torch intra-op threads per worker; Ray sets OMP_NUM_THREADS=1 at 0.5 CPU
     ray_address: str = ""  # "" starts or joins a local Ray; "auto" joins a running cluster
     local_num_cpus: int = 4  # logical CPUs for a local ray.init (above the 2 physical, see ray-notes.md)
@@ -101,6 +103,7 @@ class TuneSettings:
     asha_grace_epochs: int = 2
     max_concurrent_trials: int = 1  # trials at once; each holds num_workers Train workers
     trial_cpus: float = 0.01  # the Tune function only drives a TorchTrainer (0 is refused)
+    mlflow_tracking_uri: str = ""  # log trials to MLflow here (needs the mlflow extra); "" = off
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ class InferSettings:
     tta: bool = False  # horizontal-flip test-time augmentation
     postprocess: str = "none"  # none or lcc (largest 3D connected component per volume)
     threshold: float = 0.5  # tumor where probability > threshold (the metric contract)
+    precision: str = "auto"  # auto: bf16 (fp16 where unsupported) autocast on CUDA, fp32 on CPU; or fp32
+    read_cpus: float = 0.25  # CPUs per Ray Data read+decode+preprocess task
+    local_num_cpus: int = 4  # logical CPUs for a local ray.init (above the 2 physical, see ray-notes.md)
 
 
 @dataclass(frozen=True)

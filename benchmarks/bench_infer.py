@@ -1,0 +1,168 @@
+"""Bulk inference: slices/s of the Ray Data path against a bare PyTorch loop, and the job's peak memory.
+
+For N and 4N synthetic input slices (same model, same files), in one invocation:
+- ray: `raysegm.infer.infer` on a local Ray started here (ray.init(num_cpus=4, object_store_memory=1e9));
+- bare: one process doing the same work in a plain loop (discovery, read, preprocess, predict, resize,
+  threshold, PNG, one Parquet file per volume) with as many torch threads as the Ray job uses in total
+  (replicas x torch_threads).
+Both timings include discovery, which reads every file once in both paths.
+
+Peak memory of the Ray job: the resident memory (RSS) of the driver plus every Ray worker process
+(the raylet's `ray::` children), summed, sampled every 0.2 s with psutil while the job runs, and the
+object store's bytes in use from the raylet's memory report. RSS counts object-store pages a worker has
+mapped, so the sum overstates what the machine really holds; it is a bound to compare across N.
+
+    python benchmarks/bench_infer.py --slices 200 --size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+SLICES_PER_VOLUME = 20
+
+
+class MemorySampler:
+    """Peak summed RSS of the driver and Ray's worker processes, and peak object-store use, every 0.2 s."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_store = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _workers(self) -> list[psutil.Process]:
+        import ray
+
+        node = ray._private.worker._global_node
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        return [p for p in raylet.children(recursive=True) if p.name().startswith("ray::")
+                or "default_worker.py" in " ".join(p.cmdline())]
+
+    def _store_bytes(self) -> int:
+        import ray
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
+        return int(reply.store_stats.object_store_bytes_used)
+
+    def _run(self) -> None:
+        driver = psutil.Process()
+        while not self._stop.is_set():
+            rss = driver.memory_info().rss
+            for process in self._workers():
+                try:
+                    rss += process.memory_info().rss
+                except psutil.NoSuchProcess:
+                    continue
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_store = max(self.peak_store, self._store_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bare_loop(checkpoint: Path, input_dir: Path, output: Path, batch_size: int, threads: int) -> int:
+    """The same work as the Ray path, in one process; returns the number of slices written."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from raysegm.config import InferSettings
+    from raysegm.data.discover import discover
+    from raysegm.infer import SCHEMA, SegmentationPredictor, part_name, read_slices
+
+    torch.set_num_threads(threads)
+    predictor = SegmentationPredictor(checkpoint, InferSettings(), device="cpu")
+    data = predictor.config.data.__dict__
+    slices, _ = discover(input_dir)
+    slices["source"] = slices["image_path"]
+    output.mkdir(parents=True)
+    written = 0
+    for volume_id, volume in slices.groupby("volume_id"):
+        parts = [predictor(read_slices(volume.iloc[start:start + batch_size], data))
+                 for start in range(0, len(volume), batch_size)]
+        rows = pd.concat(parts, ignore_index=True)
+        rows["error"] = rows["error"].where(rows["error"] != "", None)
+        pq.write_table(pa.Table.from_pandas(rows, schema=SCHEMA, preserve_index=False), output / part_name(volume_id))
+        written += len(rows)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=200, help="N; the benchmark runs N and 4N")
+    parser.add_argument("--size", type=int, default=128, help="slice side, also the model's input size")
+    parser.add_argument("--width", type=int, default=16, help="classic U-Net width (a small model)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--torch-threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import ray
+    import torch
+
+    from raysegm.checkpoint import save_checkpoint
+    from raysegm.config import ExperimentConfig, InferSettings, replace
+    from raysegm.data.synth import generate_dataset
+    from raysegm.infer import infer
+    from raysegm.models import create_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-infer-"))
+    try:
+        config = replace(ExperimentConfig(), data={"size": args.size}, model={"variant": "unet", "unet_width": args.width})
+        torch.manual_seed(0)
+        checkpoint = save_checkpoint(work / "checkpoint", create_model(config.model, 3), config)
+        settings = InferSettings(batch_size=args.batch_size, replicas=args.replicas, torch_threads=args.torch_threads)
+        threads = args.replicas * args.torch_threads
+        ray.init(num_cpus=4, object_store_memory=int(1e9), include_dashboard=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        results = {}
+        for count in (args.slices, 4 * args.slices):
+            volumes = max(1, count // SLICES_PER_VOLUME)
+            data = generate_dataset(work / f"data-{count}", patients=volumes, slices=count // volumes,
+                                    size=args.size, seed=count)
+            started = time.perf_counter()
+            written = bare_loop(checkpoint, data, work / f"bare-{count}", args.batch_size, threads)
+            bare_s = time.perf_counter() - started
+            with MemorySampler() as sampler:
+                summary = infer(checkpoint, data, work / f"ray-{count}", settings)
+            assert summary["slices"] == written, (summary, written)
+            results[count] = {
+                "slices": written, "bare_s": bare_s, "ray_s": summary["wall_s"],
+                "bare_rate": written / bare_s, "ray_rate": written / summary["wall_s"],
+                "peak_rss": sampler.peak_rss, "peak_store": sampler.peak_store,
+            }
+        ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nmodel unet width {args.width} at {args.size} px, batch {args.batch_size}, "
+          f"{args.replicas} replica(s) x {args.torch_threads} torch threads; bare loop {threads} threads")
+    print(f"{'slices':>7} {'bare sl/s':>10} {'ray sl/s':>9} {'ray/bare':>9} {'peak RSS MiB':>13} {'peak store MiB':>15}")
+    for r in results.values():
+        print(f"{r['slices']:>7} {r['bare_rate']:>10.1f} {r['ray_rate']:>9.1f} {r['ray_rate'] / r['bare_rate']:>9.2f} "
+              f"{r['peak_rss'] / 2**20:>13.0f} {r['peak_store'] / 2**20:>15.1f}")
+    small, large = results[args.slices], results[4 * args.slices]
+    print(f"peak RSS 4N/N: {large['peak_rss'] / small['peak_rss']:.2f}; "
+          f"peak object store 4N/N: {large['peak_store'] / max(small['peak_store'], 1):.2f}; "
+          f"ray/bare at 4N: {large['ray_rate'] / large['bare_rate']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Slices per second the data pipeline delivers to a trainer, against bare baselines, in one run.
+
+    python benchmarks/bench_pipeline.py [--data-dir DIR] [--size 256] [--epochs 3] [--batch-size 16]
+
+On the training split of the data (default: a synthetic 12-patient set at 128 px written to a
+temporary folder), with and without augmentation, three ways:
+- ray: build_dataset(...).iter_torch_batches, as a Ray Train worker iterates its shard;
+- loop: the same load_slice function (decode, resize, augment, scale) in a plain Python loop;
+- torch DataLoader: the same function in a torch Dataset, 2 worker processes.
+Each is timed over --epochs passes. The first Ray pass includes starting the Ray Data workers, so
+it is printed apart; the rate is the mean over the later passes (or the only one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raysegm.config import DataSettings
+from raysegm.data.discover import prepare
+from raysegm.data.pipeline import build_dataset, load_slice, tensor_collate
+from raysegm.data.preprocess import build_augmenter
+from raysegm.data.synth import generate_dataset
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """The manifest rows of one split through `load_slice`, for the torch DataLoader baseline."""
+
+    def __init__(self, records: list[dict], data: DataSettings, augment: bool):
+        self.records, self.data, self.augment = records, data, augment
+        self.augmenter = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        if self.augment and self.augmenter is None:  # one per worker process, freshly seeded
+            self.augmenter = build_augmenter(self.data, seed=int(np.random.SeedSequence().generate_state(1)[0]))
+        image, mask = load_slice(self.records[index], self.data, self.augmenter)
+        return torch.from_numpy(image), torch.from_numpy(mask)
+
+
+def timed_passes(run_pass, epochs: int) -> list[tuple[int, float]]:
+    """[(slices, seconds)] for each pass."""
+    results = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        slices = run_pass()
+        results.append((slices, time.perf_counter() - start))
+    return results
+
+
+def rate(passes: list[tuple[int, float]]) -> float:
+    later = passes[1:] or passes
+    return sum(n for n, _ in later) / sum(s for _, s in later)
+
+
+def compare(manifest, records: list[dict], data: DataSettings, augment: bool, batch_size: int, epochs: int) -> None:
+    """Time the three ways over the training split and print slices/s and the ratios."""
+    dataset = build_dataset(manifest, "train", data, augment=augment)
+
+    collate = tensor_collate()
+
+    def ray_pass():
+        return sum(len(b["image"]) for b in dataset.iter_torch_batches(batch_size=batch_size, collate_fn=collate))
+
+    def loop_pass():
+        augmenter = build_augmenter(data, seed=None) if augment else None
+        count = 0
+        for start in range(0, len(records), batch_size):
+            batch = [load_slice(r, data, augmenter) for r in records[start:start + batch_size]]
+            torch.from_numpy(np.stack([image for image, _ in batch]))
+            count += len(batch)
+        return count
+
+    loader = torch.utils.data.DataLoader(SliceDataset(records, data, augment), batch_size=batch_size,
+                                         shuffle=True, num_workers=2)
+
+    def loader_pass():
+        return sum(len(images) for images, _ in loader)
+
+    ray_passes = timed_passes(ray_pass, epochs)
+    loop_passes = timed_passes(loop_pass, epochs)
+    loader_passes = timed_passes(loader_pass, epochs)
+    ray_rate, loop_rate, loader_rate = rate(ray_passes), rate(loop_passes), rate(loader_passes)
+    label = "augment" if augment else "no augment"
+    print(f"[{label}] ray first pass {ray_passes[0][0] / ray_passes[0][1]:.1f} slices/s (includes worker start-up)")
+    print(f"[{label}] ray {ray_rate:.1f} slices/s | loop {loop_rate:.1f} | torch DataLoader(2 workers) "
+          f"{loader_rate:.1f} | ray/loop {ray_rate / loop_rate:.2f} | ray/DataLoader {ray_rate / loader_rate:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", help="dataset in any supported layout (default: synthetic 128 px)")
+    parser.add_argument("--size", type=int, default=256, help="slice side after resizing")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the local ray.init")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    import ray
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    data_dir = args.data_dir or generate_dataset(scratch / "kaggle_3m", patients=12, slices=16, size=128)
+    manifest, _ = prepare(data_dir, scratch / "manifest.parquet")
+    rows = manifest[manifest["split"] == "train"]
+    records = rows.to_dict("records")
+    ray.init(num_cpus=args.num_cpus, object_store_memory=int(1e9), include_dashboard=False,
+             configure_logging=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    print(f"{len(rows)} training slices of {rows['volume_id'].nunique()} volumes from {data_dir}; "
+          f"size {args.size}, batch {args.batch_size}, {args.epochs} passes each, "
+          f"read_cpus {DataSettings().read_cpus}, ray num_cpus {args.num_cpus}")
+
+    for augment in (False, True):
+        compare(manifest, records, DataSettings(size=args.size), augment, args.batch_size, args.epochs)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

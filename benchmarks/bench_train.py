@@ -1,0 +1,118 @@
+"""Training throughput: the Ray Train path against a bare PyTorch loop on the same model and data.
+
+    python benchmarks/bench_train.py --config configs/demo.yaml --epochs 3
+
+Ray Train: `raysegm.train.train` as users run it (Ray Data streaming decode + augment, DDP workers);
+images/s is each epoch's training images over rank 0's training-loop time (validation excluded), the
+median over epochs after the first (which pays for worker and pipeline start-up).
+Bare loop: one process with as many torch threads as the Ray run uses in total
+(num_workers x torch_threads), the same model, loss, optimizer, global batch and oversampled, shuffled
+training rows; each batch is read and augmented inline by the very function Ray Data runs
+(raysegm.data.pipeline.load_slices), then one optimizer step. "compute only" repeats the steps on
+batches prepared beforehand, the ceiling for any data pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raysegm.config import ExperimentConfig, load_config, replace  # noqa: E402
+
+
+def ray_train_throughput(config: ExperimentConfig) -> tuple[float, float, Path]:
+    """(steady images/s, wall seconds of train()) and the run folder."""
+    import ray
+
+    from raysegm.train import train
+
+    ray.init(num_cpus=config.scale.local_num_cpus, object_store_memory=int(1e9), include_dashboard=False)
+    started = time.perf_counter()
+    summary = train(config)
+    wall = time.perf_counter() - started
+    ray.shutdown()
+    run_dir = Path(summary["run_dir"])
+    history = pd.read_csv(run_dir / "history.csv")
+    steady = history["train_images_per_s"].iloc[1:] if len(history) > 1 else history["train_images_per_s"]
+    return float(statistics.median(steady)), wall, run_dir
+
+
+def bare_throughput(config: ExperimentConfig, manifest_path: Path, epochs: int) -> tuple[float, float]:
+    """(images/s with inline data loading, images/s of the optimizer steps alone), medians over epochs."""
+    from raysegm.data.discover import load_manifest
+    from raysegm.data.pipeline import READ_COLUMNS, load_slices, oversample_tumor
+    from raysegm.losses import make_loss
+    from raysegm.models import create_model
+    from raysegm.train import OPTIMIZERS
+
+    threads = config.scale.num_workers * config.scale.torch_threads
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.train.seed)
+    t = config.train
+    model = create_model(config.model, in_channels=config.data.in_channels).train()
+    optimizer = OPTIMIZERS[t.optimizer](model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    loss_fn = make_loss(t.loss)
+    manifest = load_manifest(manifest_path)
+    rows = oversample_tumor(manifest[manifest["split"] == "train"].reset_index(drop=True),
+                            config.data.tumor_oversample, t.seed)[READ_COLUMNS]
+    rng = np.random.default_rng(t.seed)
+
+    def step(images: torch.Tensor, masks: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(images), masks).backward()
+        optimizer.step()
+
+    with_data, compute_only = [], []
+    for _ in range(epochs):
+        order = rows.iloc[rng.permutation(len(rows))]
+        batches = []
+        started = time.perf_counter()
+        for start in range(0, len(order), t.batch_size):
+            batch = load_slices(order.iloc[start:start + t.batch_size], config.data, augment=config.data.augment)
+            images, masks = torch.from_numpy(batch["image"]), torch.from_numpy(batch["mask"])
+            step(images, masks)
+            batches.append((images, masks))
+        with_data.append(len(order) / (time.perf_counter() - started))
+        started = time.perf_counter()
+        for images, masks in batches:
+            step(images, masks)
+        compute_only.append(len(order) / (time.perf_counter() - started))
+    return float(statistics.median(with_data)), float(statistics.median(compute_only))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as storage:
+        config = replace(load_config(args.config, args.overrides), train={"epochs": args.epochs},
+                         run={"name": "bench", "storage_path": storage})
+        s = config.scale
+        print(f"{config.model.variant} at {config.data.size} px, global batch {config.train.batch_size}, "
+              f"{args.epochs} epochs; Ray: {s.num_workers} workers x {s.torch_threads} torch threads at "
+              f"{s.cpus_per_worker} CPU; bare loop: {s.num_workers * s.torch_threads} threads; "
+              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
+        ray_rate, ray_wall, run_dir = ray_train_throughput(config)
+        bare_rate, compute_rate = bare_throughput(config, run_dir / "data" / "manifest.parquet", args.epochs)
+    print(f"Ray Train        {ray_rate:8.1f} images/s  (train() wall {ray_wall:.0f} s incl. start-up and validation)")
+    print(f"bare PyTorch     {bare_rate:8.1f} images/s  (data read and augmented inline)")
+    print(f"compute only     {compute_rate:8.1f} images/s  (optimizer steps on prepared batches)")
+    print(f"ratio Ray / bare {ray_rate / bare_rate:8.2f}    Ray / compute only {ray_rate / compute_rate:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""Bulk inference as a Ray job: `ray job submit --working-dir . -- python jobs/infer.py --checkpoint CKPT
+--input ARCHIVE --output OUT [--config configs/x.yaml] [--set infer.replicas=4] [--tta] [--postprocess lcc]`.
+
+Calls the same `raysegm.infer.infer` as `raysegm infer`; under `ray job submit` (RAY_ADDRESS is set) it
+joins the cluster, otherwise it starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from raysegm.config import load_config
+from raysegm.infer import infer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--input", required=True, help="archive: local path or URI (kaggle_3m, images, NIfTI)")
+    parser.add_argument("--output", required=True, help="Parquet folder: local path or URI")
+    parser.add_argument("--config", help="YAML preset (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--tta", action="store_true", default=None, help="horizontal-flip test-time augmentation")
+    parser.add_argument("--postprocess", choices=["none", "lcc"], default=None)
+    parser.add_argument("--address", default="auto" if os.environ.get("RAY_ADDRESS") else None)
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    infer(args.checkpoint, args.input, args.output, config.infer, tta=args.tta, postprocess=args.postprocess,
+          ray_address=args.address)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

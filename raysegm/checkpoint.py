@@ -1,0 +1,211 @@
+"""Checkpoints: a folder that rebuilds its model with nothing else, and never unpickles arbitrary objects.
+
+    model.safetensors    the weights (a plain state dict; `model.pt` loaded with weights_only is read too)
+    config.json          the resolved ExperimentConfig (raysegm.config.to_dict), plus "variant",
+                         "model_name", "encoder", "in_channels", "size", "normalize" at the top level
+    training_state.pt    optional: epoch, optimizer, scheduler, RNG states...; tensors, numbers,
+                         strings, lists and dicts only, so `torch.load(weights_only=True)` reads it
+
+Each file is written under a temporary name and renamed, so a killed save leaves no half file behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from raysegm.config import ExperimentConfig, from_dict, to_dict
+from raysegm.models import create_model, model_name
+
+WEIGHTS = "model.safetensors"
+TORCH_WEIGHTS = "model.pt"
+CONFIG = "config.json"
+TRAINING_STATE = "training_state.pt"
+SUMMARY_KEYS = ("variant", "model_name", "encoder", "in_channels", "size", "normalize")  # for humans
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        inner = next((getattr(model, name) for name in ("module", "_orig_mod")
+                      if isinstance(getattr(model, name, None), nn.Module)), None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict on CPU with wrapper prefixes removed from every key."""
+    state = {}
+    for key, value in unwrap(model).state_dict().items():
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        state[key] = value.detach().cpu().contiguous()
+    return state
+
+
+def _replace_atomically(path: Path, write) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(
+    directory: str | Path, model: nn.Module, config: ExperimentConfig, training_state: dict | None = None
+) -> Path:
+    """Write `model`'s weights, `config` and the optional training state into `directory`; returns it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    in_channels = getattr(unwrap(model), "in_channels", config.data.in_channels)
+    if in_channels != config.data.in_channels:
+        raise ValueError(
+            f"save_checkpoint: the model takes {in_channels} input channels, config.data.in_channels says "
+            f"{config.data.in_channels}"
+        )
+    if training_state is not None:
+        check_weights_only(training_state)
+    _replace_atomically(directory / WEIGHTS, lambda path: save_file(plain_state_dict(model), str(path)))
+    summary = {
+        "variant": config.model.variant,
+        "model_name": model_name(config.model),
+        "encoder": config.model.encoder,
+        "in_channels": in_channels,
+        "size": config.data.size,
+        "normalize": config.data.normalize,
+    }
+    text = json.dumps({**summary, **to_dict(config)}, indent=2) + "\n"
+    _replace_atomically(directory / CONFIG, lambda path: path.write_text(text))
+    state_path = directory / TRAINING_STATE
+    if training_state is not None:
+        _replace_atomically(state_path, lambda path: torch.save(training_state, path))
+    elif state_path.exists():
+        state_path.unlink()  # a stale state from an earlier save would not belong to these weights
+    return directory
+
+
+def load_config_of(directory: str | Path) -> tuple[ExperimentConfig, dict]:
+    """The checkpoint's ExperimentConfig and its top-level summary (variant, in_channels, size, ...)."""
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"not a checkpoint: {path} is missing")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    summary = {key: raw.pop(key) for key in SUMMARY_KEYS if key in raw}
+    return from_dict(raw), summary
+
+
+def _weights_path(directory: Path) -> Path:
+    for name in (WEIGHTS, TORCH_WEIGHTS):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(f"not a checkpoint: {directory} holds neither {WEIGHTS} nor {TORCH_WEIGHTS}")
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ExperimentConfig]:
+    """Rebuild the model from the folder alone, load its weights strictly; returned on `device` in eval mode.
+
+    The encoder is built without pretrained weights (the checkpoint holds them), so loading never
+    needs the network or the original weights file.
+    """
+    directory = Path(directory)
+    config, summary = load_config_of(directory)
+    in_channels = summary.get("in_channels", config.data.in_channels)
+    model = create_model(dataclasses.replace(config.model, encoder_weights="none"), in_channels=in_channels)
+    path = _weights_path(directory)
+    if path.name == WEIGHTS:
+        state = load_file(str(path), device="cpu")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"{path}: refused, it holds objects other than tensors ({error})") from error
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{path}: weights do not fit {model_name(config.model)}: {error}") from error
+    return model.to(device).eval(), config
+
+
+def load_training_state(directory: str | Path) -> dict | None:
+    """The training state saved beside the weights, or None; read with weights_only=True (no pickled objects)."""
+    path = Path(directory) / TRAINING_STATE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path}: refused: it holds pickled objects that torch.load(weights_only=True) does not allow "
+            f"(only tensors, numbers, strings, lists and dicts are loaded): {error}"
+        ) from error
+
+
+def model_id(directory: str | Path) -> str:
+    """The first 16 hex digits of the SHA-256 of the checkpoint's weights file."""
+    digest = hashlib.sha256()
+    with _weights_path(Path(directory)).open("rb") as weights:
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def check_weights_only(value, where: str = "training_state") -> None:
+    """Raise ValueError naming the first value torch.load(weights_only=True) could not read back."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise ValueError(f"{where}: key {key!r} must be a string or an integer")
+            check_weights_only(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_weights_only(item, f"{where}[{index}]")
+    elif not isinstance(value, (torch.Tensor, bool, int, float, str, type(None))):
+        raise ValueError(
+            f"{where}: a {type(value).__name__} cannot be loaded with weights_only=True; store tensors, "
+            f"numbers, strings, lists or dicts (capture_rng_state converts RNG states)"
+        )
+
+
+def capture_rng_state() -> dict:
+    """Python, numpy and torch (and CUDA) RNG states in a weights_only-safe form."""
+    keys, position, has_gauss, cached_gaussian = np.random.get_state()[1:]
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Undo capture_rng_state: reset the Python, numpy, torch (and CUDA) generators."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        "MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+        numpy_state["has_gauss"], numpy_state["cached_gaussian"],
+    ))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,145 @@
+"""The Ray Data pipeline: manifest rows in, model-ready slices out, streamed.
+
+    manifest rows of one split (paths only; small)
+      -> train: tumor oversampling, then random_shuffle (a new order each epoch, from the seed)
+      -> map_batches(num_cpus=data.read_cpus, at most data.read_tasks at once):
+         read + resize + [augment] + scale, in Ray tasks
+      -> rows: image float32 (C, S, S), mask float32 (1, S, S), volume_id str, slice_index int32
+
+Nothing reads the whole dataset into one process: the driver holds only the manifest, and each Ray
+task decodes ROWS_PER_BLOCK slices. The dataset is re-executed on every pass (epoch), so the shuffle
+order and the augmentation differ between epochs.
+
+- Training split: paper 4.1 augmentation when `augment` is true (raysegm.data.preprocess); tumor
+  slices repeated floor(w) times plus once more with probability w - floor(w) for
+  w = data.tumor_oversample > 1 (the extra copies are drawn once, from `seed`, when the dataset is
+  built). The shuffle is Ray's random_shuffle seeded from `seed` and reseeded on each execution.
+  Augmentation draws fresh entropy in each task: Ray runs tasks in parallel, so exact replay of an
+  epoch is not offered.
+- Validation and test splits: no augmentation, oversampling or shuffle; every slice exactly once, in
+  manifest order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from raysegm.config import DataSettings
+from raysegm.data.io import DataError, read_image, read_mask
+from raysegm.data.preprocess import augment as augment_pair
+from raysegm.data.preprocess import build_augmenter, preprocess_mask, resize_image, scale_image
+
+ROWS_PER_BLOCK = 16  # slices per Ray task: small enough to stream, large enough to amortize a task
+READ_COLUMNS = ["volume_id", "slice_index", "image_path", "mask_path", "source_format",
+                "norm_low", "norm_high", "norm_mean", "norm_std"]
+
+
+def oversample_tumor(rows: pd.DataFrame, factor: float, seed: int = 0) -> pd.DataFrame:
+    """Repeat tumor slices: floor(factor) copies, plus one more with probability factor - floor(factor)."""
+    if factor < 1:
+        raise ValueError(f"data.tumor_oversample must be >= 1, got {factor}")
+    if factor == 1:
+        return rows
+    whole = int(np.floor(factor))
+    extra = np.random.default_rng(seed).random(len(rows)) < factor - whole
+    repeats = np.where(rows["has_tumor"].to_numpy(), whole + extra, 1)
+    return rows.loc[rows.index.repeat(repeats)].reset_index(drop=True)
+
+
+def load_slice(record, data: DataSettings, augmenter=None) -> tuple[np.ndarray, np.ndarray]:
+    """One manifest row -> image (C, S, S) float32 and mask (1, S, S) float32 in {0, 1}, S = data.size.
+
+    The steps of `preprocess_image` / `preprocess_mask`, with the augmentation (when an augmenter from
+    `build_augmenter` is given) between the resize and the scaling.
+    """
+    image = read_image(record)
+    if image.shape[-1] != data.in_channels:
+        raise DataError(record["image_path"], f"{image.shape[-1]} channels, the model takes {data.in_channels}")
+    mask = read_mask(record)
+    if mask is None:
+        raise DataError(record["image_path"], "no mask: only labeled slices can be trained or validated on")
+    image = resize_image(image, data.size)
+    mask = preprocess_mask(mask, data.size)[0].astype(np.uint8)
+    if augmenter is not None:
+        image, mask = augment_pair(image, mask, augmenter)
+    return scale_image(image, data, record), mask[None].astype(np.float32)
+
+
+def load_slices(batch: pd.DataFrame, data: DataSettings, augment: bool) -> dict[str, np.ndarray]:
+    """`load_slice` over a batch of manifest rows (the map_batches function).
+
+    Returns image (B, C, S, S) float32, mask (B, 1, S, S) float32, volume_id (B,) str, slice_index
+    (B,) int32. Augmentation, when on, draws fresh entropy for each batch.
+    """
+    augmenter = build_augmenter(data, seed=int(np.random.SeedSequence().generate_state(1)[0])) if augment else None
+    images = np.empty((len(batch), data.in_channels, data.size, data.size), dtype=np.float32)
+    masks = np.empty((len(batch), 1, data.size, data.size), dtype=np.float32)
+    for i, record in enumerate(batch.to_dict("records")):
+        images[i], masks[i] = load_slice(record, data, augmenter)
+    return {
+        "image": images,
+        "mask": masks,
+        "volume_id": batch["volume_id"].to_numpy(dtype=str),
+        "slice_index": batch["slice_index"].to_numpy(dtype=np.int32),
+    }
+
+
+def tensor_collate():
+    """A collate_fn for `iter_torch_batches`: image, mask, slice_index as tensors, volume_id left out.
+
+    Ray's default conversion fails on the string volume_id column; a trainer that needs volume_id
+    (per-patient validation) iterates with `iter_batches` instead. The output is a dict of tensors,
+    so Ray still moves it to the worker's device.
+    """
+    import torch
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class TensorCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict:
+            return {key: torch.from_numpy(np.ascontiguousarray(batch[key]))
+                    for key in ("image", "mask", "slice_index")}
+
+    return TensorCollate()
+
+
+def build_dataset(manifest: pd.DataFrame, split: str, data: DataSettings, *, augment: bool, seed: int = 0):
+    """A streaming ray.data.Dataset of one split of the manifest (see the module docstring).
+
+    Rows: image float32 (C, S, S), mask float32 (1, S, S), volume_id str, slice_index int32, with
+    S = data.size and C = data.in_channels. `augment` applies to the "train" split only; callers pass
+    data.augment. Raises ValueError for an empty split or a split holding unlabeled slices.
+    """
+    import ray.data
+
+    if "split" not in manifest.columns:
+        raise ValueError("the manifest has no split column (prepare it with raysegm.data.discover.prepare)")
+    rows = manifest[manifest["split"] == split]
+    if rows.empty:
+        raise ValueError(f"split {split!r} has no slices (splits present: {sorted(manifest['split'].unique())})")
+    unlabeled = rows[~rows["labeled"].astype(bool)]
+    if len(unlabeled):
+        raise ValueError(f"split {split!r} has {len(unlabeled)} unlabeled slices (first: "
+                         f"{unlabeled['image_path'].iloc[0]}); training and validation need masks")
+    rows = rows.reset_index(drop=True)
+    training = split == "train"
+    if training:
+        rows = oversample_tumor(rows, data.tumor_oversample, seed)
+    rows = rows[READ_COLUMNS]
+    blocks = [rows.iloc[start:start + ROWS_PER_BLOCK] for start in range(0, len(rows), ROWS_PER_BLOCK)]
+    dataset = ray.data.from_pandas(blocks)
+    if training:
+        dataset = dataset.random_shuffle(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    dataset = dataset.map_batches(
+        load_slices,
+        batch_format="pandas",
+        batch_size=ROWS_PER_BLOCK,
+        num_cpus=data.read_cpus,
+        # Ray kills idle workers beyond its soft limit after a second, so an uncapped pool re-spawns
+        # workers (and re-imports albumentations and torch in each) on every epoch.
+        compute=ray.data.TaskPoolStrategy(size=data.read_tasks) if data.read_tasks else None,
+        fn_kwargs={"data": data, "augment": augment and training},
+    )
+    if not training:
+        dataset.context.execution_options.preserve_order = True
+    return dataset

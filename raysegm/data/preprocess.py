@@ -1,0 +1,141 @@
+"""Preprocessing shared by training, evaluation and inference, and the training augmentation.
+
+`preprocess_image` is the one function that turns a read slice into model input, so inference does
+exactly what training did: resize to `data.size`, then scale intensities.
+
+- normalize="scale": uint8 slices / 255; float (volume) slices min-max scaled with the volume's
+  `norm_low`/`norm_high` into [0, 1].
+- normalize="volume_zscore": clip each channel to [norm_low, norm_high], then (x - norm_mean) / norm_std.
+
+The statistics are per volume and per channel (`volume_stats`); discovery stores them in the manifest,
+and inference computes them the same way on a volume it reads. Without statistics a slice is scaled
+with its own (a single-slice volume).
+
+Augmentation (paper 4.1) runs between the resize and the scaling, on raw intensities, so the constant
+fill of the affine border is the raw background value 0 under either normalization.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import cv2
+import numpy as np
+
+from raysegm.config import DataSettings
+
+MAX_STATS_PIXELS = 1 << 21  # per channel; larger volumes are subsampled with a fixed stride
+NORMALIZATIONS = ("scale", "volume_zscore")
+
+
+def volume_stats(images: np.ndarray | Sequence[np.ndarray], clip_percentiles=(0.5, 99.5)) -> dict:
+    """Per-channel intensity statistics of one volume.
+
+    images: (S, H, W, C), or a sequence of (H, W, C) slices that may differ in size.
+    Returns lists of C floats: `norm_low`, `norm_high` (the clip percentiles over the volume's voxels,
+    from at most MAX_STATS_PIXELS voxels taken with a fixed stride) and `norm_mean`, `norm_std`
+    (mean and standard deviation of the volume clipped to [norm_low, norm_high]).
+    """
+    if isinstance(images, np.ndarray):
+        channels = images.shape[-1]
+        pixels = images.reshape(-1, channels)
+    else:
+        channels = images[0].shape[-1]
+        pixels = np.concatenate([np.asarray(s).reshape(-1, channels) for s in images])
+    stride = max(1, -(-len(pixels) // MAX_STATS_PIXELS))
+    pixels = pixels[::stride].astype(np.float64)
+    low, high = np.percentile(pixels, clip_percentiles, axis=0)
+    clipped = np.clip(pixels, low, high)
+    return {
+        "norm_low": low.tolist(),
+        "norm_high": high.tolist(),
+        "norm_mean": clipped.mean(axis=0).tolist(),
+        "norm_std": clipped.std(axis=0).tolist(),
+    }
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, C) -> (size, size, C), same dtype; INTER_AREA when shrinking, INTER_LINEAR when growing."""
+    height, width = image.shape[:2]
+    if (height, width) == (size, size):
+        return image
+    interpolation = cv2.INTER_AREA if size < min(height, width) else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (size, size), interpolation=interpolation)
+    return resized.reshape(size, size, image.shape[2])
+
+
+def scale_image(image: np.ndarray, data: DataSettings, stats: Mapping | None) -> np.ndarray:
+    """(H, W, C) raw -> (C, H, W) float32 scaled per `data.normalize` (see the module docstring)."""
+    if data.normalize not in NORMALIZATIONS:
+        raise ValueError(f"data.normalize: unknown {data.normalize!r} (expected one of {NORMALIZATIONS})")
+    pixels = image.astype(np.float32)
+    if data.normalize == "scale" and image.dtype == np.uint8:
+        scaled = pixels / 255.0
+    else:
+        if stats is None:
+            stats = volume_stats(image[None], data.clip_percentiles)
+        low = np.asarray(stats["norm_low"], dtype=np.float32)
+        high = np.asarray(stats["norm_high"], dtype=np.float32)
+        clipped = np.clip(pixels, low, high)
+        if data.normalize == "scale":
+            scaled = (clipped - low) / np.maximum(high - low, 1e-6)
+        else:
+            mean = np.asarray(stats["norm_mean"], dtype=np.float32)
+            std = np.asarray(stats["norm_std"], dtype=np.float32)
+            scaled = (clipped - mean) / np.where(std > 1e-6, std, 1.0)
+    return np.ascontiguousarray(scaled.transpose(2, 0, 1), dtype=np.float32)
+
+
+def preprocess_image(image: np.ndarray, data: DataSettings, stats: Mapping | None = None) -> np.ndarray:
+    """A read slice (H, W, C) -> model input (C, data.size, data.size) float32.
+
+    stats: a mapping with norm_low, norm_high, norm_mean, norm_std (a manifest row will do), or None.
+    """
+    return scale_image(resize_image(image, data.size), data, stats)
+
+
+def preprocess_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) {0, 1} -> (1, size, size) float32 {0, 1}, resized by nearest neighbour."""
+    if mask.shape != (size, size):
+        mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+    return (mask > 0).astype(np.float32)[None]
+
+
+def build_augmenter(data: DataSettings, seed: int | None = None):
+    """Paper 4.1 augmentation, image and mask together (albumentations).
+
+    Affine: rotation +-data.rotate_limit deg, translation +-data.shift_limit of the side, zoom
+    1 +- data.zoom_limit, shear +-data.shear_limit deg, on every call; horizontal flip with p = 0.5 when
+    data.hflip. The image is interpolated linearly, the mask by nearest neighbour (it stays binary);
+    the border is filled with 0 in both. Returns an albumentations Compose.
+    """
+    # albumentations imports torch, so only augmenting workers pay for it; and it would ask PyPI for a
+    # newer version of itself on import, from every Ray worker, unless told not to
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations as A
+
+    transforms = [
+        A.Affine(
+            rotate=(-data.rotate_limit, data.rotate_limit),
+            translate_percent={"x": (-data.shift_limit, data.shift_limit),
+                               "y": (-data.shift_limit, data.shift_limit)},
+            scale=(1.0 - data.zoom_limit, 1.0 + data.zoom_limit),
+            shear=(-data.shear_limit, data.shear_limit),
+            interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=cv2.INTER_NEAREST,
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            fill_mask=0,
+            p=1.0,
+        )
+    ]
+    if data.hflip:
+        transforms.append(A.HorizontalFlip(p=0.5))
+    return A.Compose(transforms, seed=seed)
+
+
+def augment(image: np.ndarray, mask: np.ndarray, augmenter) -> tuple[np.ndarray, np.ndarray]:
+    """One random draw of `augmenter` applied to image (H, W, C) and mask (H, W) together."""
+    out = augmenter(image=image, mask=mask)
+    return out["image"], out["mask"]

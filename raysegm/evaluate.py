@@ -1,0 +1,116 @@
+"""Score a checkpoint on one split of a manifest with the metric contract (product.md, "Metrics").
+
+Each slice is preprocessed exactly as the checkpoint's own config.json says (raysegm.data.preprocess),
+predicted at the model's size, and its probabilities are resized back to the slice's own resolution
+before thresholding, so every metric, HD95 included, is measured against the original mask in the
+input's own pixels. Plain torch in one process: a split is small.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from raysegm.config import replace
+
+BATCH_SLICES = 16  # slices per forward pass
+
+
+def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "test", out=None) -> dict:
+    """Per-patient, pooled and per-slice numbers of `checkpoint` on `split`.
+
+    checkpoint: a checkpoint folder, or a run folder (its result.json names the best checkpoint).
+    The slices come from `manifest` (Parquet), else from `data_dir` prepared with the checkpoint's own
+    split settings, else from the manifest the checkpoint was trained on. Unlabeled slices cannot be
+    scored: they are counted in `unlabeled_slices` and left out. With `out`, writes
+    out/per_patient.csv and out/summary.json.
+    Returns the SegmentationMeter summary plus checkpoint, model_id, model_name, split, manifest,
+    unlabeled_slices.
+    """
+    from raysegm.checkpoint import load_model, model_id
+    from raysegm.data.io import is_missing, read_image, read_mask
+    from raysegm.data.preprocess import preprocess_image
+    from raysegm.metrics import SegmentationMeter
+    from raysegm.models import model_name
+
+    checkpoint = _checkpoint_dir(Path(checkpoint))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, config = load_model(checkpoint, device=device)
+    model.eval()
+    with tempfile.TemporaryDirectory() as scratch:
+        slices, manifest_source = _split_slices(config, manifest, data_dir, split, Path(out or scratch))
+    labeled = slices[~slices["mask_path"].map(is_missing)]
+    if labeled.empty:
+        raise ValueError(f"{manifest_source}: split {split!r} has no labeled slices to score")
+
+    meter = SegmentationMeter(keep_masks=True)
+    for volume_id, volume in labeled.groupby("volume_id", sort=True):
+        records = volume.sort_values("slice_index").to_dict("records")
+        for start in range(0, len(records), BATCH_SLICES):
+            batch = records[start:start + BATCH_SLICES]
+            images = [read_image(record) for record in batch]
+            for record, image in zip(batch, images):
+                if image.shape[-1] != config.data.in_channels:
+                    raise ValueError(f"{record['image_path']}: {image.shape[-1]} channels, the checkpoint "
+                                     f"was trained on {config.data.in_channels}")
+            inputs = torch.from_numpy(np.stack([preprocess_image(image, config.data, record)
+                                                for image, record in zip(images, batch)])).to(device)
+            with torch.no_grad():
+                probabilities = torch.sigmoid(model(inputs).float()).cpu()
+            for record, image, probability in zip(batch, images, probabilities):
+                truth = read_mask(record)
+                # Bilinear on probabilities, then the contract's threshold inside the meter.
+                native = F.interpolate(probability[None], size=image.shape[:2], mode="bilinear",
+                                       align_corners=False)[0]
+                meter.update([volume_id], [record["slice_index"]], native, torch.from_numpy(truth)[None])
+
+    summary = {
+        "checkpoint": str(checkpoint),
+        "model_id": model_id(checkpoint),
+        "model_name": model_name(config.model),
+        "split": split,
+        "manifest": manifest_source,
+        "unlabeled_slices": int(len(slices) - len(labeled)),
+        **meter.summary(),
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        meter.per_patient_table().to_csv(out / "per_patient.csv", index=False)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    if (path / "result.json").is_file():
+        best = json.loads((path / "result.json").read_text()).get("best_checkpoint")
+        if not best:
+            raise ValueError(f"{path / 'result.json'}: the run names no best checkpoint")
+        return Path(best)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def _split_slices(config, manifest, data_dir, split: str, work_dir: Path) -> tuple[pd.DataFrame, str]:
+    from raysegm.data.discover import load_manifest, manifest_for
+
+    if manifest:
+        table, source = load_manifest(manifest), str(manifest)
+    elif data_dir:
+        table = manifest_for(replace(config, data={"data_dir": str(data_dir), "manifest": ""}).data, work_dir)
+        source = str(data_dir)
+    elif config.data.manifest and Path(config.data.manifest).is_file():
+        table, source = load_manifest(config.data.manifest), config.data.manifest
+    else:
+        raise ValueError("no slices to score: give a manifest or a data_dir (the checkpoint's own "
+                         f"manifest {config.data.manifest or '(none)'} is not available)")
+    if split not in set(table["split"]):
+        raise ValueError(f"{source}: no slices in split {split!r} (splits: {sorted(set(table['split']))})")
+    return table[table["split"] == split], source

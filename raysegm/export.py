@@ -1,0 +1,203 @@
+"""Turn inference Parquet into files people and tools open: mask PNGs, overlays, NIfTI volumes.
+
+- "png": each slice's mask as written by inference (8-bit, 255 tumor), at
+  `<out>/<volume_id>/<volume_id>_<slice_index>_mask.png`.
+- "overlay": the FLAIR channel of the source slice in grey, the mask tinted red and its outline in
+  full red, at `<out>/<volume_id>/<volume_id>_<slice_index>_overlay.png`. Needs the source images: from
+  each row's `source`, or, when the archive has moved, under `source_root` (the part of `source` below
+  the input folder recorded in the output's `_raysegm.json`, else `<volume_id>/<file name>`, else
+  `<file name>`).
+- "nifti": one `<out>/<volume_id>.nii.gz` per volume, masks (uint8, 1 tumor) stacked along the last
+  axis in slice order. Where the source is NIfTI, the mask takes the source volume's affine and depth
+  (slice k at index k); otherwise the affine is the identity and the slices are stacked in order.
+
+A `volume_id` holding `/` (image folders nested in the input) becomes nested folders for png/overlay
+and `_` in NIfTI file names. Error rows have no mask: they are counted and printed, never exported as
+empty masks, except inside a NIfTI volume, where their slices are zero (printed by name).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+from scipy import ndimage
+
+from raysegm.data.io import NIFTI_SUFFIXES, PATH_SEPARATOR
+from raysegm.infer import METADATA, decode_mask_png, filesystem
+
+FORMATS = ("png", "overlay", "nifti")
+TINT = np.array([255.0, 0.0, 0.0])  # red
+TINT_ALPHA = 0.35
+
+
+def read_output(parquet) -> tuple[pd.DataFrame, dict]:
+    """(rows, metadata) of an inference output folder or one of its Parquet files (local path or URI)."""
+    fs, path = filesystem(str(parquet))
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"inference output not found: {parquet}")
+    metadata = {}
+    if info.type == pafs.FileType.Directory:
+        meta_path = f"{path.rstrip('/')}/{METADATA}"
+        if fs.get_file_info(meta_path).type == pafs.FileType.File:
+            with fs.open_input_stream(meta_path) as stream:
+                metadata = json.loads(stream.read())
+    rows = pq.read_table(path, filesystem=fs).to_pandas()
+    missing = {"volume_id", "slice_index", "source", "height", "width", "mask_png", "status"} - set(rows.columns)
+    if missing:
+        raise ValueError(f"{parquet}: not an inference output (missing columns {sorted(missing)})")
+    return rows.sort_values(["volume_id", "slice_index"], kind="stable").reset_index(drop=True), metadata
+
+
+def _file_name(volume_id: str) -> str:
+    return volume_id.replace("/", "_")
+
+
+class _Sources:
+    """Finds a row's source files locally: as recorded, under source_root, or fetched from a URI."""
+
+    def __init__(self, source_root, input_root: str | None):
+        self.source_root = Path(source_root) if source_root else None
+        self.input_root = input_root.rstrip("/") if input_root else None
+        self.staging = Path(tempfile.mkdtemp(prefix="raysegm-export-"))
+        self.fetched: dict[str, Path] = {}
+
+    def close(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _one(self, source: str, volume_id: str) -> Path:
+        if self.source_root is not None:
+            candidates = []
+            if self.input_root and source.startswith(self.input_root + "/"):
+                candidates.append(self.source_root / source[len(self.input_root) + 1:])
+            name = source.rsplit("/", 1)[-1]
+            candidates += [self.source_root / volume_id / name, self.source_root / name]
+            for candidate in candidates:
+                if candidate.is_file():
+                    return candidate
+            raise FileNotFoundError(f"source {source} not found under --source-root {self.source_root} "
+                                    f"(tried {', '.join(str(c) for c in candidates)})")
+        if "://" not in source:
+            if not Path(source).is_file():
+                raise FileNotFoundError(f"source {source} not found (pass source_root if the archive moved)")
+            return Path(source)
+        if source not in self.fetched:
+            fs, path = pafs.FileSystem.from_uri(source)
+            local = self.staging / f"{len(self.fetched)}-{source.rsplit('/', 1)[-1]}"
+            pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            self.fetched[source] = local
+        return self.fetched[source]
+
+    def local(self, source: str, volume_id: str) -> list[Path]:
+        """The local file(s) of a source (several for a per-modality NIfTI case)."""
+        return [self._one(part, volume_id) for part in source.split(PATH_SEPARATOR)]
+
+
+def _is_nifti(path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def flair_grey(paths: list[Path], slice_index: int) -> np.ndarray:
+    """The FLAIR channel (channel 1) of a source slice as (H, W) uint8 for display.
+
+    2D slices are uint8 already; volume slices are scaled from their 0.5 and 99.5 percentiles.
+    """
+    from raysegm.data.io import read_nifti_image_slice, read_slice_file
+
+    if _is_nifti(paths[0]):
+        flair = read_nifti_image_slice(PATH_SEPARATOR.join(str(p) for p in paths), slice_index)[..., 1]
+        low, high = np.percentile(flair, (0.5, 99.5))
+        return np.clip((flair - low) / max(high - low, 1e-6) * 255.0, 0, 255).astype(np.uint8)
+    return read_slice_file(paths[0])[..., 1]
+
+
+def overlay(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 grey and (H, W) bool mask -> (H, W, 3) uint8: tumor tinted, its outline in full tint."""
+    rgb = np.repeat(grey[..., None].astype(np.float64), 3, axis=-1)
+    rgb[mask] = (1 - TINT_ALPHA) * rgb[mask] + TINT_ALPHA * TINT
+    outline = mask & ~ndimage.binary_erosion(mask)
+    rgb[outline] = TINT
+    return rgb.round().astype(np.uint8)
+
+
+def _export_slices(rows: pd.DataFrame, out: Path, to: str, sources: _Sources | None) -> int:
+    written = 0
+    for row in rows.itertuples(index=False):
+        folder = out / row.volume_id
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{_file_name(row.volume_id)}_{row.slice_index}"
+        if to == "png":
+            (folder / f"{stem}_mask.png").write_bytes(row.mask_png)
+        else:
+            mask = decode_mask_png(row.mask_png)
+            paths = sources.local(row.source, row.volume_id)
+            grey = flair_grey(paths, int(row.slice_index))
+            if grey.shape != mask.shape:
+                raise ValueError(f"{row.source}: slice {row.slice_index} is {grey.shape[0]}x{grey.shape[1]}, "
+                                 f"its mask {mask.shape[0]}x{mask.shape[1]}: not the image the mask was made of")
+            Image.fromarray(overlay(grey, mask), mode="RGB").save(folder / f"{stem}_overlay.png")
+        written += 1
+    return written
+
+
+def _export_nifti(rows: pd.DataFrame, out: Path, sources: _Sources) -> int:
+    import nibabel
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for volume_id, volume in rows.groupby("volume_id", sort=True):
+        ok = volume[volume["status"] == "ok"]
+        if ok.empty:
+            print(f"export: {volume_id}: no slice was segmented, no NIfTI written")
+            continue
+        sizes = set(zip(ok["height"], ok["width"]))
+        if len(sizes) > 1:
+            raise ValueError(f"export: {volume_id}: slices differ in size {sorted(sizes)}, cannot stack a volume")
+        height, width = sizes.pop()
+        first_source = ok["source"].iloc[0]
+        if _is_nifti(first_source.split(PATH_SEPARATOR)[0]):
+            reference = nibabel.load(sources.local(first_source, volume_id)[0])
+            affine, depth = reference.affine, reference.shape[2]
+            positions = {int(k): int(k) for k in volume["slice_index"] if k >= 0}
+        else:
+            affine, depth = np.eye(4), int((volume["slice_index"] >= 0).sum())
+            positions = {int(k): p for p, k in enumerate(sorted(k for k in volume["slice_index"] if k >= 0))}
+        masks = np.zeros((height, width, depth), dtype=np.uint8)
+        for row in ok.itertuples(index=False):
+            masks[:, :, positions[int(row.slice_index)]] = decode_mask_png(row.mask_png)
+        failed = sorted(int(k) for k in volume.loc[volume["status"] != "ok", "slice_index"])
+        if failed:
+            print(f"export: {volume_id}: slices {failed} have no mask (error rows), written as zeros")
+        nibabel.save(nibabel.Nifti1Image(masks, affine), out / f"{_file_name(volume_id)}.nii.gz")
+        written += 1
+    return written
+
+
+def export(parquet, to: str, out, source_root=None) -> Path:
+    """Write the masks of an inference output (folder or Parquet file) as `to` ("png", "overlay",
+    "nifti") under `out`; returns `out`. See the module docstring for names and geometry."""
+    if to not in FORMATS:
+        raise ValueError(f"export: unknown format {to!r} (expected one of {FORMATS})")
+    rows, metadata = read_output(parquet)
+    out = Path(out)
+    ok = rows[rows["status"] == "ok"]
+    sources = _Sources(source_root, metadata.get("input")) if to in ("overlay", "nifti") else None
+    try:
+        if to == "nifti":
+            written = _export_nifti(rows, out, sources)
+        else:
+            written = _export_slices(ok, out, to, sources)
+    finally:
+        if sources is not None:
+            sources.close()
+    unit = "volumes" if to == "nifti" else "slices"
+    print(f"export: {written} {unit} written to {out} as {to}; {len(rows) - len(ok)} error rows have no mask")
+    return out

@@ -1,0 +1,660 @@
+"""Bulk offline segmentation: every slice of an archive through a checkpoint, masks to Parquet.
+
+The unit of work is one volume (all slices of one `volume_id`): a volume's rows are committed together
+as one Parquet file, so the largest 3D connected component (Buda et al.'s post-processing) can be taken
+over the whole volume while the job still streams. The plan:
+
+    discover(input)                       driver: every file validated once; rejects become error rows
+    -> ray.data.from_pandas(slice rows)   blocks of `batch_size` slices, ordered by volume, then slice
+    -> read_slices                        Ray tasks (num_cpus = read_cpus): read, decode, preprocess
+                                          exactly as training did; an unreadable slice becomes an
+                                          error row here and the job goes on
+    -> SegmentationPredictor              map_batches on an actor pool (one model replica per actor,
+                                          `replicas` actors with cpus/gpus_per_replica): probabilities
+                                          (optionally averaged with the horizontally flipped input),
+                                          resized back to each slice's own size, P = prob > threshold,
+                                          encoded as an 8-bit PNG (255 tumor)
+    -> driver                             iter_batches in input order (preserve_order); when a volume's
+                                          last slice arrives: optional LCC, then commit
+
+Commit (exactly once per volume): the volume's rows are written to `.tmp-<uuid>-part-...` and renamed to
+`part-<volume_id>-<sha1(volume_id)[:8]>.parquet`, one file per volume (volumes hold tens to hundreds of
+slices, so parts stay between tens of kB and a few MB). The driver commits, not the Ray tasks: it is the
+one place that sees every row of a volume, so it knows when a volume is complete, and one process
+renaming keeps the rule "a final name only ever holds a whole volume" simple. A rerun into the same
+output skips every volume whose part exists, removes leftover temporary files (the `.` prefix also hides
+them from pyarrow's dataset discovery), and finishes the rest. `_raysegm.json` (model id, checkpoint,
+the settings that change the masks) is written before any part; pyarrow ignores `_`-prefixed files, so
+`pandas.read_parquet(output)` reads the parts alone. Output of another checkpoint, or of the same one
+with other tta/postprocess/threshold, in the folder is an error. Two jobs must not write into one output
+at the same time.
+
+Rows follow the contract's "Inference output" schema (`SCHEMA`). Error rows carry status "error", the
+reason naming the file, a null `mask_png` and `max_prob`, 0 tumor pixels, and the slice's size where
+discovery knew it (else 0). A discovery reject maps to `(volume_id, slice_index)` from its file name
+(`reject_key`): `<volume>_<k>[_mask].tif` gives k (a bad mask takes its slice out of discovery, so the
+slice gets an error row), a NIfTI file gives its case and slice -1 (the whole case is out), a name
+without a number gives -1.
+
+An input whose channel count differs from the checkpoint's `in_channels` stops the whole job before any
+work (a ValueError): it is a mismatch between the archive and the model, not a fault of one file, and
+a folder of error rows would hide it.
+
+Input: a local path, or a URI pyarrow reads (`s3://`, `gs://`, `file://`, ...). A URI input is copied
+whole to a local staging folder first (discovery validates every byte anyway), and its read tasks are
+pinned to the driver's node where that copy lives; `source` names the original URI. A local input must
+be visible at the same path on every node (a shared mount) on a multi-node cluster. Output: a local path
+or a URI (written through pyarrow.fs; on object stores the "rename" is a copy of a whole object, which
+is never visible half-written). The checkpoint's files are shipped to the model replicas by value, so it
+needs to exist on the driver's machine only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+from scipy import ndimage
+
+from raysegm.config import DataSettings, InferSettings, from_dict, to_dict
+
+SCHEMA = pa.schema([
+    pa.field("volume_id", pa.string(), nullable=False),
+    pa.field("slice_index", pa.int32(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("mask_png", pa.binary()),  # null on error rows
+    pa.field("tumor_pixels", pa.int64(), nullable=False),
+    pa.field("max_prob", pa.float32()),  # null on error rows
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),  # null when status is "ok"
+])
+METADATA = "_raysegm.json"
+PART_PREFIX = "part-"
+TEMP_PREFIX = ".tmp-"
+POSTPROCESS = ("none", "lcc")
+PRECISIONS = ("auto", "fp32")
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt")
+MASK_OUTPUTS = ("tta", "postprocess", "threshold")  # settings that change the masks in an output folder
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masks: PNG encoding and the largest 3D connected component
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """(H, W) bool -> 8-bit single-channel PNG bytes, 255 tumor, 0 background."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_mask_png(data: bytes) -> np.ndarray:
+    """PNG bytes of `encode_mask_png` -> (H, W) bool."""
+    with Image.open(io.BytesIO(data)) as png:
+        return np.asarray(png.convert("L")) > 127
+
+
+def largest_connected_component(masks: np.ndarray) -> np.ndarray:
+    """(Z, H, W) bool -> the largest 3D connected component alone (face connectivity, scipy.ndimage.label).
+
+    Buda et al.'s post-processing: tumor outside the biggest blob is taken for false positives. Empty in,
+    empty out; the result is a subset of the input (it never adds tumor); ties keep the lowest label.
+    """
+    labels, count = ndimage.label(masks)
+    if count <= 1:
+        return masks.astype(bool)
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model replica
+
+
+def _materialize_checkpoint(files: Mapping[str, bytes]) -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="raysegm-ckpt-"))
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return directory
+
+
+class SegmentationPredictor:
+    """One model replica: a batch of preprocessed slices -> the contract's mask columns.
+
+    checkpoint: a checkpoint folder, or its files as {name: bytes} (how infer() ships it to replicas).
+    settings: InferSettings or its dict (tta, threshold, precision are read).
+    device: "cuda", "cpu", or None for CUDA when this process sees a GPU (Ray hides GPUs from replicas
+    that were given none), else CPU. On CUDA with precision "auto" the forward pass runs under bf16
+    autocast (fp16 where bf16 is unsupported); probabilities are always computed in float32.
+
+    __call__(batch) takes a mapping of numpy arrays: `image` (B, C, S, S) float32 as preprocess_image
+    makes it, `height`, `width` (B,) the slices' own sizes, `status` (B,) ("ok", or "error" for slices
+    that could not be read, which are passed through), `error`, `volume_id`, `slice_index`, `source`.
+    It returns a DataFrame with volume_id, slice_index, source, height, width, mask_png (b"" on error
+    rows), tumor_pixels, max_prob, model, status, error ("" when ok). Usable without Ray.
+    """
+
+    def __init__(self, checkpoint, settings: InferSettings | Mapping, device: str | None = None,
+                 torch_threads: int | None = None):
+        import torch
+
+        from raysegm.checkpoint import load_model, model_id
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.settings = settings if isinstance(settings, InferSettings) else InferSettings(**settings)
+        if self.settings.precision not in PRECISIONS:
+            raise ValueError(f"infer.precision: unknown {self.settings.precision!r} (expected {PRECISIONS})")
+        directory = Path(checkpoint) if isinstance(checkpoint, (str, Path)) else _materialize_checkpoint(checkpoint)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.config = load_model(directory, device=self.device)
+        self.model_id = model_id(directory)
+        self.autocast_dtype = None
+        if self.device.type == "cuda" and self.settings.precision == "auto":
+            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def probabilities(self, images: np.ndarray):
+        """(B, C, S, S) float32 -> tumor probabilities (B, S, S) float32 on the device.
+
+        With tta: p = (sigmoid(f(x)) + flip(sigmoid(f(flip(x))))) / 2, flip along the width.
+        """
+        import torch
+
+        inputs = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+        with torch.inference_mode(), torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        ):
+            probs = torch.sigmoid(self.model(inputs).float())
+            if self.settings.tta:
+                flipped = torch.sigmoid(self.model(torch.flip(inputs, dims=[-1])).float())
+                probs = (probs + torch.flip(flipped, dims=[-1])) / 2
+        return probs[:, 0].float()
+
+    def masks(self, images: np.ndarray, sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, float]]:
+        """Per slice: (mask (H, W) bool at the slice's own size, max probability), P = prob > threshold."""
+        import torch.nn.functional as F
+
+        probs = self.probabilities(images)
+        results: list = [None] * len(sizes)
+        for size in set(sizes):
+            indices = [i for i, s in enumerate(sizes) if s == size]
+            group = probs[indices][:, None]
+            if tuple(group.shape[-2:]) != size:
+                group = F.interpolate(group, size=size, mode="bilinear", align_corners=False)
+            group = group[:, 0]
+            above = (group > self.settings.threshold).cpu().numpy()
+            peaks = group.amax(dim=(1, 2)).cpu().numpy()
+            for position, index in enumerate(indices):
+                results[index] = (above[position], float(peaks[position]))
+        return results
+
+    def __call__(self, batch: Mapping) -> pd.DataFrame:
+        status = [str(s) for s in batch["status"]]
+        error = [str(e) for e in batch["error"]]
+        height = np.asarray(batch["height"], dtype=np.int32)
+        width = np.asarray(batch["width"], dtype=np.int32)
+        mask_png = [b""] * len(status)
+        tumor_pixels = np.zeros(len(status), dtype=np.int64)
+        max_prob = np.full(len(status), np.nan, dtype=np.float32)
+        readable = [i for i, s in enumerate(status) if s == "ok"]
+        # One failing slice must not take its batch down: on an error, retry the slices one by one.
+        groups = [readable] if readable else []
+        while groups:
+            indices = groups.pop()
+            try:
+                results = self.masks(batch["image"][indices], [(int(height[i]), int(width[i])) for i in indices])
+            except Exception as failure:
+                if len(indices) > 1:
+                    groups.extend([i] for i in indices)
+                    continue
+                index = indices[0]
+                status[index] = "error"
+                error[index] = f"{batch['source'][index]}: prediction failed ({type(failure).__name__}: {failure})"
+                continue
+            for index, (mask, peak) in zip(indices, results):
+                mask_png[index] = encode_mask_png(mask)
+                tumor_pixels[index] = int(mask.sum())
+                max_prob[index] = peak
+        return pd.DataFrame({
+            "volume_id": [str(v) for v in batch["volume_id"]],
+            "slice_index": np.asarray(batch["slice_index"], dtype=np.int32),
+            "source": [str(s) for s in batch["source"]],
+            "height": height,
+            "width": width,
+            "mask_png": mask_png,
+            "tumor_pixels": tumor_pixels,
+            "max_prob": max_prob,
+            "model": self.model_id,
+            "status": status,
+            "error": error,
+        })
+
+
+# ---------------------------------------------------------------------------------------------------
+# The read stage (Ray tasks)
+
+
+def read_slices(batch: pd.DataFrame, data: Mapping) -> dict:
+    """Slice rows of the discovered table -> model inputs, exactly as training preprocesses them.
+
+    data: the checkpoint's DataSettings as a dict. Returns numpy columns: image (B, C, S, S) float32,
+    volume_id, slice_index, source, height, width, status ("ok"/"error"), error (the reason, naming the
+    file, or ""). An unreadable slice gets a zero image and status "error".
+    """
+    from raysegm.data.io import DataError, read_image
+    from raysegm.data.preprocess import preprocess_image
+
+    settings = from_dict({"data": dict(data)}).data
+    images = np.zeros((len(batch), settings.in_channels, settings.size, settings.size), dtype=np.float32)
+    status, error = ["ok"] * len(batch), [""] * len(batch)
+    height = batch["height"].to_numpy(dtype=np.int32, copy=True)
+    width = batch["width"].to_numpy(dtype=np.int32, copy=True)
+    for position, record in enumerate(batch.to_dict("records")):
+        try:
+            image = read_image(record)
+            stats = {key: record[key] for key in ("norm_low", "norm_high", "norm_mean", "norm_std")}
+            images[position] = preprocess_image(image, settings, stats)
+            height[position], width[position] = image.shape[:2]
+        except Exception as failure:
+            status[position] = "error"
+            reason = failure.reason if isinstance(failure, DataError) else f"{type(failure).__name__}: {failure}"
+            error[position] = f"{record['source']}: {reason}"
+    return {
+        "image": images,
+        "volume_id": batch["volume_id"].astype(str).to_numpy(),
+        "slice_index": batch["slice_index"].to_numpy(dtype=np.int32),
+        "source": batch["source"].astype(str).to_numpy(),
+        "height": height,
+        "width": width,
+        "status": np.asarray(status),
+        "error": np.asarray(error),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The output folder: metadata, committed parts, the atomic commit
+
+
+def part_name(volume_id: str) -> str:
+    """`part-<readable volume_id>-<sha1 prefix>.parquet`: one file per volume, unique per volume_id."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", volume_id)[:80]
+    return f"{PART_PREFIX}{readable}-{hashlib.sha1(volume_id.encode()).hexdigest()[:8]}.parquet"
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path in it) of a local path (made absolute) or a URI."""
+    if "://" in location:
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), str(Path(location).resolve())
+
+
+class OutputFolder:
+    """The Parquet output of one checkpoint: a local path or a URI, written through pyarrow.fs."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self.fs, self.base = filesystem(location)
+
+    def _path(self, name: str) -> str:
+        return f"{self.base.rstrip('/')}/{name}"
+
+    def _names(self) -> list[str]:
+        info = self.fs.get_file_info(self.base)
+        if info.type == pafs.FileType.NotFound:
+            return []
+        if info.type != pafs.FileType.Directory:
+            raise ValueError(f"{self.location}: the output exists and is not a folder")
+        return [entry.base_name for entry in self.fs.get_file_info(pafs.FileSelector(self.base))]
+
+    def open(self, metadata: dict) -> set[str]:
+        """Check or write the metadata, remove leftover temporary files; returns the committed part names."""
+        names = self._names()
+        if METADATA in names:
+            with self.fs.open_input_stream(self._path(METADATA)) as stream:
+                existing = json.loads(stream.read())
+            if existing.get("model") != metadata["model"]:
+                raise ValueError(
+                    f"{self.location}: holds the output of model {existing.get('model')} "
+                    f"(checkpoint {existing.get('checkpoint')}), not of {metadata['model']} "
+                    f"({metadata['checkpoint']}); write into another folder"
+                )
+            for key in MASK_OUTPUTS:
+                if existing["settings"].get(key) != metadata["settings"][key]:
+                    raise ValueError(
+                        f"{self.location}: its masks were made with {key}={existing['settings'].get(key)!r}, "
+                        f"this run asks for {key}={metadata['settings'][key]!r}; write into another folder"
+                    )
+        else:
+            foreign = [n for n in names if not n.startswith(TEMP_PREFIX)]
+            if foreign:
+                raise ValueError(f"{self.location}: not empty and not a raysegm inference output "
+                                 f"(no {METADATA}; found {', '.join(sorted(foreign)[:5])})")
+            self.fs.create_dir(self.base, recursive=True)
+            self._write_atomically(METADATA, lambda stream: stream.write(
+                (json.dumps(metadata, indent=2) + "\n").encode()))
+        for name in names:
+            if name.startswith(TEMP_PREFIX):
+                self.fs.delete_file(self._path(name))
+        return {n for n in names if n.startswith(PART_PREFIX) and n.endswith(".parquet")}
+
+    def _write_atomically(self, name: str, write) -> None:
+        temporary = self._path(f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+        with self.fs.open_output_stream(temporary) as stream:
+            write(stream)
+        self.fs.move(temporary, self._path(name))
+
+    def commit(self, volume_id: str, rows: pd.DataFrame) -> None:
+        """Write one volume's rows under a temporary name, then rename it to its final part name."""
+        table = pa.Table.from_pandas(rows[SCHEMA.names], schema=SCHEMA, preserve_index=False)
+        self._write_atomically(part_name(volume_id), lambda stream: pq.write_table(table, stream))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input: staging a URI, discovery, rejects as error rows
+
+
+def _read_checkpoint(checkpoint: str) -> dict[str, bytes]:
+    """The checkpoint folder's files (local path or URI) as {name: bytes}, to ship to the replicas."""
+    fs, base = filesystem(str(checkpoint))
+    files = {}
+    for name in CHECKPOINT_FILES:
+        path = f"{base.rstrip('/')}/{name}"
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            with fs.open_input_stream(path) as stream:
+                files[name] = stream.read()
+    if "config.json" not in files or not ({"model.safetensors", "model.pt"} & set(files)):
+        raise FileNotFoundError(f"not a checkpoint: {checkpoint} needs config.json and model.safetensors")
+    return files
+
+
+def _stage(input_location: str, staging: Path) -> tuple[Path, str]:
+    """(local root to discover, prefix that `source` names): a URI is copied into `staging` first."""
+    if "://" not in input_location:
+        root = Path(input_location).resolve()
+        if not root.exists():
+            raise FileNotFoundError(f"input not found: {input_location}")
+        return root, str(root)
+    fs, path = pafs.FileSystem.from_uri(input_location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input not found: {input_location}")
+    print(f"infer: copying {input_location} to {staging} (URI inputs are staged locally)", flush=True)
+    pafs.copy_files(path, str(staging), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return staging, input_location.rstrip("/")
+
+
+def _source(path: str, root: Path, prefix: str) -> str:
+    """A discovered local path (or `|`-joined NIfTI modality paths) as the input names it."""
+    from raysegm.data.io import PATH_SEPARATOR
+
+    parts = []
+    for part in str(path).split(PATH_SEPARATOR):
+        try:
+            parts.append(f"{prefix}/{Path(part).resolve().relative_to(root).as_posix()}")
+        except ValueError:
+            parts.append(part)
+    return PATH_SEPARATOR.join(parts)
+
+
+def reject_key(path: str, root: Path) -> tuple[str, int]:
+    """(volume_id, slice_index) of a rejected file, named as discovery names slices; -1 where unknown.
+
+    2D files: the folder's name when it is a kaggle_3m patient folder, else its path relative to the
+    root (the root's own name at the top), and the trailing number of the name without `_mask`.
+    NIfTI files: the case (the name without `_0000`, `_mask`, `_seg`) and -1, since a bad file takes
+    the whole case out.
+    """
+    from raysegm.data.discover import KAGGLE_FOLDER, TRAILING_NUMBER
+    from raysegm.data.io import NIFTI_SUFFIXES, nifti_stem
+
+    file = Path(path).resolve()
+    if file.name.lower().endswith(NIFTI_SUFFIXES):
+        return re.sub(r"_(\d{4}|mask|seg)$", "", nifti_stem(file)), -1
+    relative = file.parent.relative_to(root).as_posix() if file.parent.is_relative_to(root) else file.parent.name
+    if KAGGLE_FOLDER.match(file.parent.name):
+        volume_id = file.parent.name
+    else:
+        volume_id = root.name if relative == "." else relative
+    number = TRAILING_NUMBER.search(re.sub(r"_mask$", "", file.stem))
+    return volume_id, int(number.group(1)) if number else -1
+
+
+def _error_rows(rejects: pd.DataFrame, slices: pd.DataFrame, root: Path, prefix: str, model: str) -> pd.DataFrame:
+    """Discovery rejects as error rows: one per slice (its reasons joined), one per NIfTI case (slice -1),
+    one per other file whose slice is unknown (slice -1). A bad mask whose slice was still discovered
+    is printed, not turned into a second row for that slice (inference does not need the mask)."""
+    known = set(zip(slices["volume_id"], slices["slice_index"].astype(int)))
+    rows: dict[tuple[str, int, str], tuple[str, str]] = {}
+    for path, reason in zip(rejects["path"], rejects["reason"]):
+        volume_id, slice_index = reject_key(str(path), root)
+        if (volume_id, slice_index) in known:
+            if re.search(r"_(mask|seg)$", Path(path).stem):
+                print(f"infer: note: {path}: {reason} (the slice itself is still segmented)", file=sys.stderr)
+                continue
+            slice_index = -1
+        nifti = str(path).lower().endswith((".nii", ".nii.gz"))
+        key = (volume_id, slice_index, "" if slice_index >= 0 or nifti else str(path))
+        source = _source(str(path), root, prefix)
+        message = f"{source}: {reason}"
+        rows[key] = (rows[key][0], f"{rows[key][1]}; {message}") if key in rows else (source, message)
+    return pd.DataFrame({
+        "volume_id": [k[0] for k in rows],
+        "slice_index": np.asarray([k[1] for k in rows], dtype=np.int32),
+        "source": [source for source, _ in rows.values()],
+        "height": np.zeros(len(rows), dtype=np.int32),
+        "width": np.zeros(len(rows), dtype=np.int32),
+        "mask_png": [b""] * len(rows),
+        "tumor_pixels": np.zeros(len(rows), dtype=np.int64),
+        "max_prob": np.full(len(rows), np.nan, dtype=np.float32),
+        "model": model,
+        "status": "error",
+        "error": [message for _, message in rows.values()],
+    })
+
+
+# ---------------------------------------------------------------------------------------------------
+# The job
+
+
+def _finish_volume(rows: pd.DataFrame, postprocess: str) -> pd.DataFrame:
+    """Order a volume's rows by slice, apply the optional LCC, turn placeholders into nulls."""
+    rows = rows.sort_values("slice_index", kind="stable").reset_index(drop=True)
+    if postprocess == "lcc":
+        ok = rows.index[rows["status"] == "ok"]
+        # slices of one volume that differ in size (image folders only) cannot be stacked: each size is
+        # its own stack
+        for _, group in rows.loc[ok].groupby(["height", "width"]):
+            masks = np.stack([decode_mask_png(data) for data in group["mask_png"]])
+            kept = largest_connected_component(masks)
+            for index, before, after in zip(group.index, masks, kept):
+                if (before != after).any():
+                    rows.at[index, "mask_png"] = encode_mask_png(after)
+                    rows.at[index, "tumor_pixels"] = int(after.sum())
+    rows["mask_png"] = [data if data else None for data in rows["mask_png"]]
+    rows["error"] = [text if text else None for text in rows["error"]]
+    return rows
+
+
+def _init_ray(address: str | None, settings: InferSettings) -> bool:
+    """Join `address` (or RAY_ADDRESS), or start a local Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=settings.local_num_cpus)
+    return True
+
+
+def _check_settings(settings: InferSettings) -> None:
+    if settings.postprocess not in POSTPROCESS:
+        raise ValueError(f"infer.postprocess: unknown {settings.postprocess!r} (expected one of {POSTPROCESS})")
+    if settings.precision not in PRECISIONS:
+        raise ValueError(f"infer.precision: unknown {settings.precision!r} (expected one of {PRECISIONS})")
+    if settings.batch_size < 1 or settings.replicas < 1:
+        raise ValueError("infer.batch_size and infer.replicas must be at least 1")
+    if not 0.0 <= settings.threshold < 1.0:
+        raise ValueError(f"infer.threshold: {settings.threshold} outside [0, 1)")
+
+
+def _dataset(slices: pd.DataFrame, files: dict, data: DataSettings, settings: InferSettings, pin_reads: bool):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    columns = ["volume_id", "slice_index", "image_path", "source_format", "source", "height", "width",
+               "norm_low", "norm_high", "norm_mean", "norm_std"]
+    table = slices[columns]
+    chunks = [table.iloc[start:start + settings.batch_size] for start in range(0, len(table), settings.batch_size)]
+    dataset = ray.data.from_pandas(chunks)
+    # volumes come out in input order, so the driver holds at most the volumes in flight
+    dataset.context.execution_options.preserve_order = True
+    dataset.context.enable_progress_bars = sys.stderr.isatty()
+    read_args = {}
+    if pin_reads:
+        node = ray.get_runtime_context().get_node_id()
+        read_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+    return (
+        dataset
+        .map_batches(read_slices, fn_kwargs={"data": to_dict(data)}, batch_size=None, batch_format="pandas",
+                     num_cpus=settings.read_cpus, **read_args)
+        .map_batches(SegmentationPredictor, batch_size=settings.batch_size, batch_format="numpy",
+                     fn_constructor_kwargs={"checkpoint": files, "settings": dataclasses.asdict(settings),
+                                            "torch_threads": settings.torch_threads},
+                     compute=ray.data.ActorPoolStrategy(size=settings.replicas),
+                     num_cpus=settings.cpus_per_replica, num_gpus=settings.gpus_per_replica or None)
+    )
+
+
+def infer(checkpoint, input, output, settings: InferSettings, *, tta: bool | None = None,
+          postprocess: str | None = None, ray_address: str | None = None) -> dict:
+    """Segment every slice under `input` with `checkpoint` into Parquet under `output` (see the module doc).
+
+    tta, postprocess: None keeps the settings' value. ray_address: None joins RAY_ADDRESS or starts a
+    local Ray with settings.local_num_cpus logical CPUs. Returns a summary: volumes, volumes_skipped
+    (already committed), volumes_written, slices (rows written this run), ok, errors, wall_s,
+    slices_per_s, model, output.
+    """
+    from raysegm.checkpoint import load_config_of, model_id
+    from raysegm.data.discover import discover
+
+    started = time.time()
+    settings = dataclasses.replace(
+        settings,
+        tta=settings.tta if tta is None else tta,
+        postprocess=settings.postprocess if postprocess is None else postprocess,
+    )
+    _check_settings(settings)
+    files = _read_checkpoint(str(checkpoint))
+    staging = Path(tempfile.mkdtemp(prefix="raysegm-infer-"))
+    started_ray = False
+    try:
+        local_checkpoint = _materialize_checkpoint(files)
+        config, summary = load_config_of(local_checkpoint)
+        model = model_id(local_checkpoint)
+        shutil.rmtree(local_checkpoint, ignore_errors=True)
+        in_channels = int(summary.get("in_channels", config.data.in_channels))
+        data = dataclasses.replace(config.data, in_channels=in_channels)
+
+        root, prefix = _stage(str(input), staging / "input")
+        slices, rejects = discover(root)
+        if slices.empty and rejects.empty:
+            raise ValueError(f"{input}: no slices found (expected kaggle_3m, an image folder or NIfTI volumes)")
+        mismatched = slices[slices["channels"].astype(int) != in_channels]
+        if len(mismatched):
+            found = sorted(set(mismatched["channels"].astype(int)))
+            raise ValueError(
+                f"{input}: {len(mismatched)} slices have {found} channels but checkpoint {checkpoint} was "
+                f"trained on {in_channels} (e.g. {mismatched['image_path'].iloc[0]}); channels are never "
+                f"converted silently"
+            )
+        slices = slices.sort_values(["volume_id", "slice_index"], kind="stable").reset_index(drop=True)
+        slices["source"] = [_source(path, root, prefix) for path in slices["image_path"]]
+        errors = _error_rows(rejects, slices, root, prefix, model)
+
+        out = OutputFolder(str(output))
+        committed = out.open({
+            "model": model, "checkpoint": str(checkpoint), "input": prefix,
+            "model_name": summary.get("model_name", config.model.variant), "settings": to_dict(settings),
+        })
+        volume_ids = sorted(set(slices["volume_id"]) | set(errors["volume_id"]))
+        todo = [v for v in volume_ids if part_name(v) not in committed]
+        skipped = len(volume_ids) - len(todo)
+        todo_set = set(todo)
+        slices = slices[slices["volume_id"].isin(todo_set)]
+        errors = errors[errors["volume_id"].isin(todo_set)]
+        expected = slices.groupby("volume_id").size().to_dict()
+        errors_by_volume = {v: rows for v, rows in errors.groupby("volume_id")}
+        total = len(slices) + len(errors)
+        print(f"infer: {len(volume_ids)} volumes, {skipped} already committed, {len(todo)} to do "
+              f"({total} slices, {len(errors)} rejected by discovery); model {model}", flush=True)
+
+        counts = {"ok": 0, "error": 0}
+        written = 0
+
+        def commit(volume_id: str, parts: list[pd.DataFrame]) -> None:
+            nonlocal written
+            rows = _finish_volume(pd.concat(parts, ignore_index=True), settings.postprocess)
+            out.commit(volume_id, rows)
+            written += 1
+            done = sum(counts.values()) + len(rows)
+            for status, count in rows["status"].value_counts().items():
+                counts[status] = counts.get(status, 0) + int(count)
+            elapsed = max(time.time() - started, 1e-9)
+            print(f"infer: {done}/{total} slices ({done / elapsed:.1f} slices/s), {written}/{len(todo)} "
+                  f"volumes committed ({volume_id})", flush=True)
+
+        for volume_id in [v for v in todo if v not in expected]:
+            commit(volume_id, [errors_by_volume[volume_id]])
+        if expected:
+            started_ray = _init_ray(ray_address, settings)
+            dataset = _dataset(slices, files, data, settings, pin_reads="://" in str(input))
+            buffers: dict[str, list[pd.DataFrame]] = defaultdict(list)
+            received: dict[str, int] = defaultdict(int)
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
+                for volume_id, rows in batch.groupby("volume_id", sort=False):
+                    buffers[volume_id].append(rows)
+                    received[volume_id] += len(rows)
+                    if received[volume_id] == expected[volume_id]:
+                        extra = [errors_by_volume[volume_id]] if volume_id in errors_by_volume else []
+                        commit(volume_id, buffers.pop(volume_id) + extra)
+            if buffers:
+                raise RuntimeError(f"infer: incomplete volumes after the stream ended: {sorted(buffers)[:5]}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    wall = time.time() - started
+    written_slices = sum(counts.values())
+    result = {
+        "output": str(output), "model": model, "volumes": len(volume_ids), "volumes_skipped": skipped,
+        "volumes_written": written, "slices": written_slices, "ok": counts.get("ok", 0),
+        "errors": counts.get("error", 0), "wall_s": round(wall, 2),
+        "slices_per_s": round(written_slices / wall, 2) if wall > 0 else 0.0,
+    }
+    print(f"infer: done: {json.dumps(result)}", flush=True)
+    return result

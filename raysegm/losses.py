@@ -1,0 +1,65 @@
+"""Training losses on logits (B, 1, H, W) against float {0, 1} targets of the same shape -> scalar.
+
+Computed in float32 even under autocast: sums over a whole batch of 256x256 slices overflow bf16's
+precision long before they overflow its range.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _float32(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if logits.shape != target.shape:
+        raise ValueError(f"loss: logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
+    return logits.float(), target.float()
+
+
+class BCELoss(nn.Module):
+    """Binary cross-entropy on logits, the mean over every pixel of the batch."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(logits.device.type, enabled=False):
+            logits, target = _float32(logits, target)
+            return F.binary_cross_entropy_with_logits(logits, target)
+
+
+class DiceLoss(nn.Module):
+    """Soft Dice over the whole batch (as Buda et al.): 1 - (2 sum(p g) + 1) / (sum p + sum g + 1), p = sigmoid.
+
+    Summing over the batch rather than per image means a batch without tumor still pays for predicted
+    tumor (smp's DiceLoss skips classes absent from the batch and returns 0 there).
+    """
+
+    smooth = 1.0
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(logits.device.type, enabled=False):
+            logits, target = _float32(logits, target)
+            prob = torch.sigmoid(logits)
+            overlap = (prob * target).sum()
+            return 1 - (2 * overlap + self.smooth) / (prob.sum() + target.sum() + self.smooth)
+
+
+class BCEDiceLoss(nn.Module):
+    """`bce` + `dice`, unweighted."""
+
+    def __init__(self):
+        super().__init__()
+        self.bce = BCELoss()
+        self.dice = DiceLoss()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.bce(logits, target) + self.dice(logits, target)
+
+
+LOSSES = {"bce": BCELoss, "dice": DiceLoss, "bce_dice": BCEDiceLoss}
+
+
+def make_loss(name: str) -> nn.Module:
+    """The loss called `name` (bce, dice, bce_dice): module(logits, target) -> scalar float32 tensor."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    return LOSSES[name]()

@@ -1,0 +1,389 @@
+"""Distributed data-parallel training with Ray Train: one run is one `TorchTrainer` fit.
+
+The driver (`train`) resolves the run folder and the manifest once, then `build_trainer` wires Ray:
+the training split is streamed, augmented and split across the workers; the validation split reaches
+every worker whole and rank 0 scores every slice of every validation patient. Each epoch rank 0
+reports the metrics together with a checkpoint in the contract's format (raysegm.checkpoint), whose
+training state (epoch, optimizer, schedule, RNG, history) lets a run continue after a lost worker or
+an explicit `resume=True`. Per-patient Dice (`VAL_METRIC`) selects the best checkpoint.
+
+The run folder `storage_path/name` is a filesystem path every node can reach (local disk, or a shared
+mount on a cluster); besides Ray's checkpoints it holds config.json, data/ (the manifest),
+history.csv, history.json and result.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from raysegm.config import ExperimentConfig, from_dict, replace, save_json, to_dict
+
+VAL_METRIC = "val_per_patient_dice"  # mean over validation patients of the per-patient Dice
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_per_patient_dice", "val_pooled_dice",
+                   "val_per_slice_mean_dice", "lr", "epoch_time_s", "train_images_per_s")
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SCHEDULES = ("none", "cosine")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Worker lines go through logging: Ray Train tees a worker's print() to both stdout and its log (twice).
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------
+# driver
+
+
+def train(config: ExperimentConfig, resume: bool = False) -> dict:
+    """Train one run to `train.epochs` and return where its results are.
+
+    Returns {run_dir, best_checkpoint, latest_checkpoint, best (the best epoch's metrics), history,
+    epochs_completed, resumed_after}. A run name that already holds a run is a FileExistsError unless
+    `resume` is true, which continues it from its latest checkpoint (also with more epochs).
+    """
+    check_settings(config)
+    storage_path = Path(config.run.storage_path).expanduser().resolve()
+    run_dir = storage_path / config.run.name
+    if resume and not holds_run(run_dir):
+        raise FileNotFoundError(f"nothing to resume: {run_dir} holds no run")
+    if not resume and holds_run(run_dir):
+        raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume "
+                              f"(resume=True) or choose another run.name")
+    _ensure_ray(config.scale)
+    from raysegm.data.discover import manifest_for
+
+    work_dir = run_dir / "data"
+    manifest_for(config.data, work_dir)
+    manifest_path = config.data.manifest or str(work_dir / "manifest.parquet")
+    trainer = build_trainer(config, manifest_path=manifest_path, run_name=config.run.name,
+                            storage_path=str(storage_path), resume_ok=resume)
+    result = trainer.fit()
+    summary = _write_result(result, run_dir)
+    print(f"run {config.run.name}: best {VAL_METRIC} {summary['best'].get(VAL_METRIC, float('nan')):.4f} "
+          f"at epoch {summary['best'].get('epoch')}; best checkpoint {summary['best_checkpoint']}", flush=True)
+    return summary
+
+
+def check_settings(config: ExperimentConfig) -> None:
+    """Refuse settings the loop cannot honour before any Ray resource is taken."""
+    t, s = config.train, config.scale
+    if t.optimizer not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer must be one of {sorted(OPTIMIZERS)}, got {t.optimizer!r}")
+    if t.schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule must be one of {list(SCHEDULES)}, got {t.schedule!r}")
+    if t.precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {list(PRECISIONS)}, got {t.precision!r}")
+    if t.precision == "fp16" and not s.use_gpu:
+        raise ValueError("train.precision fp16 needs CUDA workers (scale.use_gpu: true); use bf16 or fp32 on CPU")
+    if s.num_workers < 1 or t.epochs < 1:
+        raise ValueError("scale.num_workers and train.epochs must be at least 1")
+    if t.batch_size % s.num_workers:
+        raise ValueError(f"train.batch_size {t.batch_size} is the global batch and must split evenly "
+                         f"across scale.num_workers {s.num_workers}")
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True where a run (ours or Ray Train's bookkeeping) was already started in this folder."""
+    return (run_dir / "config.json").is_file() or (run_dir / "checkpoint_manager_snapshot.json").is_file()
+
+
+def _ensure_ray(scale) -> None:
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        if scale.ray_address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=scale.ray_address or None)
+        else:
+            ray.init(num_cpus=scale.local_num_cpus)
+    if not sys.stdout.isatty():
+        # Progress bars and execution plans written to a log are noise per epoch; our epoch lines say enough.
+        DataContext.get_current().enable_progress_bars = False
+        DataContext.get_current().print_on_execution_start = False
+
+
+def build_trainer(config: ExperimentConfig, *, manifest_path: str, run_name: str, storage_path: str,
+                  callbacks=(), resume_ok: bool = False):
+    """A `TorchTrainer` for one run whose folder is `storage_path/run_name`.
+
+    `callbacks` are Ray Train `UserCallback`s (e.g. Tune's `TuneReportCallback`). With `resume_ok`
+    false, a folder that already holds a run is a FileExistsError; with it true, Ray continues from the
+    run's latest registered checkpoint. The resolved config (manifest and run folder filled in) is saved
+    as run_dir/config.json and travels to the workers as a plain dict.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raysegm.data.discover import load_manifest
+    from raysegm.data.pipeline import build_dataset
+
+    check_settings(config)
+    run_dir = Path(storage_path) / run_name
+    if holds_run(run_dir) and not resume_ok:
+        raise FileExistsError(f"{run_dir} already holds a run; pass resume to continue it")
+    config = replace(config, data={"manifest": str(manifest_path)},
+                     run={"name": run_name, "storage_path": str(storage_path)})
+    manifest = load_manifest(manifest_path)
+    datasets = {
+        "train": build_dataset(manifest, "train", config.data, augment=config.data.augment, seed=config.train.seed),
+        # Validation is the same every epoch: read it once into the object store, not once per epoch.
+        "val": build_dataset(manifest, "val", config.data, augment=False, seed=config.train.seed).materialize(),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(config, run_dir / "config.json")
+    scale = config.scale
+    resources = {"CPU": scale.cpus_per_worker, **scale.worker_resources}
+    if scale.use_gpu:
+        resources["GPU"] = scale.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(config), "manifest_path": str(manifest_path), "run_dir": str(run_dir)},
+        scaling_config=ray.train.ScalingConfig(num_workers=scale.num_workers, use_gpu=scale.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.num_to_keep,
+                                                         checkpoint_score_attribute=VAL_METRIC,
+                                                         checkpoint_score_order="max"),
+            callbacks=list(callbacks),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not Ray Train's INFO chatter
+        ),
+        datasets=datasets,
+        # Only the training split is sharded: an equal split of the validation set drops rows.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def _write_result(result, run_dir: Path) -> dict:
+    from raysegm.checkpoint import load_training_state
+
+    kept = result.best_checkpoints or []
+    best_checkpoint, best_metrics = max(kept, key=lambda pair: pair[1].get(VAL_METRIC, -math.inf),
+                                        default=(None, {}))
+    latest = result.checkpoint
+    state = load_training_state(latest.path) if latest is not None else None
+    summary = {
+        "run_dir": str(run_dir),
+        "best_checkpoint": best_checkpoint.path if best_checkpoint is not None else None,
+        "latest_checkpoint": latest.path if latest is not None else None,
+        "best": {key: best_metrics[key] for key in HISTORY_COLUMNS if key in best_metrics},
+        "history": str(run_dir / "history.csv"),
+        "epochs_completed": int(state["epoch"]) if state else 0,
+        "resumed_after": list(state["resumed_after"]) if state else [],
+    }
+    _write_atomic(run_dir / "result.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A reader never sees a half-written file: write beside it, then rename.
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# worker
+
+
+def lr_factor(epoch_index: int, schedule: str, warmup_epochs: int, epochs: int) -> float:
+    """Multiplier of train.lr for the 0-based epoch.
+
+    cosine: linear warm-up (e + 1) / (w + 1) for e < w, then 0.5 (1 + cos(pi (e - w) / (E - w))).
+    """
+    if schedule == "none":
+        return 1.0
+    if epoch_index < warmup_epochs:
+        return (epoch_index + 1) / (warmup_epochs + 1)
+    progress = (epoch_index - warmup_epochs) / max(1, epochs - warmup_epochs)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker: epochs of data-parallel training; rank 0 validates, reports, checkpoints.
+
+    loop_config: {"config": to_dict(ExperimentConfig), "manifest_path": str, "run_dir": str}.
+    """
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from raysegm.checkpoint import load_model, load_training_state, save_checkpoint, unwrap
+    from raysegm.data.discover import load_manifest
+    from raysegm.losses import make_loss
+    from raysegm.models import create_model
+
+    config = from_dict(loop_config["config"])
+    t = config.train
+    torch.set_num_threads(config.scale.torch_threads)
+    _quiet_report_lines()
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+
+    model = create_model(config.model, in_channels=config.data.in_channels)
+    state, restored_from = None, ray.train.get_checkpoint()
+    if restored_from is not None:
+        with restored_from.as_directory() as checkpoint_dir:
+            restored_model, _ = load_model(checkpoint_dir, device="cpu")
+            model.load_state_dict(restored_model.state_dict())
+            state = load_training_state(checkpoint_dir)
+    model = ray.train.torch.prepare_model(model)
+    network = unwrap(model)
+    optimizer = OPTIMIZERS[t.optimizer]([p for p in model.parameters() if p.requires_grad],
+                                        lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: lr_factor(e, t.schedule, t.warmup_epochs, t.epochs))
+    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    loss_fn = make_loss(t.loss)
+
+    start_epoch, history, resumed_after = 0, {}, []
+    if state is not None:
+        start_epoch, history, resumed_after = _restore(state, optimizer, scheduler, scaler)
+        resumed_after = [*resumed_after, start_epoch]
+        if rank == 0:
+            log.info(f"resumed from the checkpoint of epoch {start_epoch}")
+
+    val_counts = (load_manifest(loop_config["manifest_path"]).query("split == 'val'")
+                  .groupby("volume_id").size().to_dict())
+    per_worker_batch = t.batch_size // world_size
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch + 1, t.epochs + 1):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        model.train()
+        loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of per-image loss, images) for the global mean
+        for batch in train_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy"):
+            images = torch.tensor(batch["image"], device=device)  # a copy: Ray's arrays are read-only
+            masks = torch.tensor(batch["mask"], device=device)
+            with _autocast(t.precision, device):
+                loss = loss_fn(model(images), masks)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            loss_sum += torch.tensor([loss.item() * len(images), len(images)], dtype=torch.float64)
+        scheduler.step()
+        if dist.is_available() and dist.is_initialized():
+            totals = loss_sum.to(device)  # NCCL reduces only CUDA tensors
+            dist.all_reduce(totals)
+            loss_sum = totals.cpu()
+        train_time = time.perf_counter() - started
+        train_loss = float(loss_sum[0] / max(loss_sum[1], 1))
+
+        if rank != 0:
+            ray.train.report({"epoch": epoch, "train_loss": train_loss})
+            continue
+        val = validate(network, val_shard, val_counts, batch_size=t.batch_size, device=device,
+                       precision=t.precision)
+        row = {"epoch": epoch, "train_loss": train_loss, **val, "lr": lr,
+               "epoch_time_s": time.perf_counter() - started,
+               "train_images_per_s": float(loss_sum[1]) / max(train_time, 1e-9)}
+        history[epoch] = row  # a redone epoch replaces its row
+        log.info(f"epoch {epoch}/{t.epochs}  loss {train_loss:.4f}  val per-patient Dice {row[VAL_METRIC]:.4f}  "
+                 f"pooled {row['val_pooled_dice']:.4f}  per-slice mean {row['val_per_slice_mean_dice']:.4f}  "
+                 f"{row['epoch_time_s']:.1f} s")
+        _write_history(Path(loop_config["run_dir"]), history)
+        training_state = _training_state(epoch, optimizer, scheduler, scaler, history, resumed_after)
+        with tempfile.TemporaryDirectory() as checkpoint_dir:
+            save_checkpoint(checkpoint_dir, network, config, training_state=training_state)
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
+    if rank == 0 and start_epoch >= t.epochs:
+        log.info(f"nothing to train: the run already completed {start_epoch} of {t.epochs} epochs "
+                 f"(raise train.epochs to continue it)")
+
+
+def _quiet_report_lines() -> None:
+    # Ray 2.60 logs every report (metrics and checkpoint path, per worker) at INFO under a logger named
+    # after its source file, which LoggingConfig(log_level) does not reach.
+    suffix = os.path.join("ray", "train", "v2", "_internal", "execution", "context.py")
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.endswith(suffix):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _autocast(precision: str, device: torch.device):
+    if PRECISIONS[precision] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
+
+
+def validate(network: torch.nn.Module, val_shard, val_counts: dict[str, int], *, batch_size: int,
+             device: torch.device, precision: str = "fp32") -> dict:
+    """Score every slice of every validation patient (metric contract) -> headline numbers.
+
+    `val_counts` maps volume_id -> number of its slices in the manifest: a patient that arrives
+    incomplete or not at all is an error, so the selection metric never rests on partial patients.
+    """
+    from raysegm.metrics import SegmentationMeter
+
+    meter = SegmentationMeter()
+    network.eval()
+    with torch.no_grad():
+        for batch in val_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            images = torch.tensor(batch["image"], device=device)
+            with _autocast(precision, device):
+                probabilities = torch.sigmoid(network(images).float())
+            meter.update([str(v) for v in batch["volume_id"]], batch["slice_index"].tolist(),
+                         probabilities.cpu(), batch["mask"])
+    seen = dict(Counter(meter.state()["volume_ids"]))
+    if seen != val_counts:
+        raise RuntimeError(f"validation saw {sum(seen.values())} slices of {len(seen)} patients, the manifest "
+                           f"lists {sum(val_counts.values())} of {len(val_counts)}")
+    summary = meter.summary(n_boot=200)
+    return {"val_per_patient_dice": float(summary["per_patient"]["dice"]["mean"]),
+            "val_pooled_dice": float(summary["pooled"]["dice"]),
+            "val_per_slice_mean_dice": float(summary["per_slice_mean_dice"])}
+
+
+def _training_state(epoch, optimizer, scheduler, scaler, history, resumed_after) -> dict:
+    """Everything a worker needs to continue, in types torch.load(weights_only=True) accepts."""
+    from raysegm.checkpoint import capture_rng_state
+
+    return {
+        "epoch": epoch,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": capture_rng_state(),
+        "history": {int(e): dict(row) for e, row in history.items()},
+        "resumed_after": list(resumed_after),
+    }
+
+
+def _restore(state: dict, optimizer, scheduler, scaler) -> tuple[int, dict, list]:
+    from raysegm.checkpoint import restore_rng_state
+
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"])
+    return int(state["epoch"]), {int(e): row for e, row in state["history"].items()}, list(state["resumed_after"])
+
+
+def _write_history(run_dir: Path, history: dict) -> None:
+    rows = [history[epoch] for epoch in sorted(history)]
+    _write_atomic(run_dir / "history.json", json.dumps(rows, indent=2) + "\n")
+    _write_atomic(run_dir / "history.csv", pd.DataFrame(rows, columns=list(HISTORY_COLUMNS)).to_csv(index=False))

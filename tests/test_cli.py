@@ -1,0 +1,64 @@
+"""The `raysegm` console script: every sub-command of the contract, and clear errors for bad --set."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raysegm.cli import main
+
+RAYSEGM = str(Path(sys.executable).with_name("raysegm"))
+CONTRACT_COMMANDS = ["synth", "prepare", "train", "tune", "evaluate", "infer", "report", "demo"]
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    return subprocess.run([RAYSEGM, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_help_lists_every_contract_command():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    listed = proc.stdout.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert set(CONTRACT_COMMANDS) <= set(listed)
+    for command in CONTRACT_COMMANDS:
+        sub = run_cli(command, "--help")
+        assert sub.returncode == 0, sub.stderr
+        assert sub.stdout.startswith(f"usage: raysegm {command}")
+
+
+def test_python_dash_m_is_the_same_cli():
+    proc = subprocess.run([sys.executable, "-m", "raysegm", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert all(command in proc.stdout for command in CONTRACT_COMMANDS)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.epochs=three", "train.epochs: expected an integer, got 'three'"),
+    ("train.epochs=2.5", "train.epochs: expected an integer, got 2.5"),
+    ("data.augment=maybe", "data.augment: expected true/false, got 'maybe'"),
+    ("tune.losses=bce", "tune.losses: expected a list, got 'bce'"),
+    ("train.epoch=3", "unknown config key(s): train.epoch"),
+    ("trian.epochs=3", "unknown config key(s): trian"),
+    ("train.epochs", "--set expects key=value, got 'train.epochs'"),
+])
+def test_bad_override_exits_with_a_clear_error(override, message, capsys):
+    # In-process: the handler imports torch and Ray before it reads the config, once per process.
+    assert main(["train", "--set", override]) == 2
+    assert f"raysegm train: error: {message}" in capsys.readouterr().err
+
+
+def test_bad_override_from_the_console_script():
+    proc = run_cli("train", "--config", "configs/demo.yaml", "--set", "train.lr=fast")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("raysegm train: error: train.lr: expected a number, got 'fast'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_config_file_is_named(capsys):
+    assert main(["train", "--config", "configs/no-such-preset.yaml"]) == 2
+    assert "config file not found: configs/no-such-preset.yaml" in capsys.readouterr().err

@@ -1,0 +1,146 @@
+"""evaluate_checkpoint against numbers computed by hand on the same slices and predictions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+import torch
+import torch.nn.functional as F
+
+from raysegm.checkpoint import load_model, save_checkpoint
+from raysegm.config import from_dict
+from raysegm.data.discover import load_manifest, prepare
+from raysegm.data.preprocess import preprocess_image
+from raysegm.evaluate import evaluate_checkpoint
+from raysegm.models import create_model
+
+MODEL_SIZE = 32  # the synthetic slices are 64 px: predictions are resized back before scoring
+
+
+@pytest.fixture(scope="module")
+def all_test_manifest(synth_dir, tmp_path_factory):
+    """The 6 synthetic patients, every one of them in the test split (one tumor-free among them)."""
+    folder = tmp_path_factory.mktemp("manifest")
+    prepare(synth_dir, folder / "prepared.parquet")
+    table = pq.read_table(folder / "prepared.parquet")  # keeps the manifest's metadata
+    split = table.schema.get_field_index("split")
+    table = table.set_column(split, "split", pa.array(["test"] * len(table)))
+    path = folder / "all-test.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def make_checkpoint(directory, manifest_path, head_bias=None, in_channels=3, centred_on=None):
+    """A tiny U-Net checkpoint at MODEL_SIZE px with random weights.
+
+    head_bias: the logits become that constant everywhere. centred_on: model inputs (B, 3, S, S) whose
+    median logit is moved to 0, so that about half of their pixels are predicted tumor.
+    """
+    config = from_dict({"data": {"size": MODEL_SIZE, "manifest": str(manifest_path), "in_channels": in_channels},
+                        "model": {"variant": "unet", "unet_width": 4, "unet_depth": 2}})
+    torch.manual_seed(0)
+    model = create_model(config.model, in_channels=in_channels).eval()
+    with torch.no_grad():
+        if head_bias is not None:
+            model.head.weight.zero_()
+            model.head.bias.fill_(head_bias)
+        if centred_on is not None:
+            model.head.bias -= model(centred_on).median()
+    save_checkpoint(directory, model, config)
+    return directory
+
+
+def truth_by_patient(manifest_path) -> dict[str, np.ndarray]:
+    """volume_id -> (S, H, W) bool masks read straight from the tif files."""
+    manifest = load_manifest(manifest_path).sort_values(["volume_id", "slice_index"])
+    return {volume_id: np.stack([tifffile.imread(path) > 0 for path in rows["mask_path"]])
+            for volume_id, rows in manifest.groupby("volume_id")}
+
+
+def test_predicting_tumor_everywhere_scores_as_computed_by_hand(all_test_manifest, tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "everywhere", all_test_manifest, head_bias=10.0)
+    summary = evaluate_checkpoint(checkpoint, split="test", out=tmp_path / "scores")
+    table = pd.read_csv(tmp_path / "scores" / "per_patient.csv").set_index("volume_id")
+    truth = truth_by_patient(all_test_manifest)
+    assert sorted(table.index) == sorted(truth)
+    for volume_id, masks in truth.items():
+        tumor, voxels = int(masks.sum()), masks.size
+        # P = every voxel: TP = |G|, FP = N - |G|, FN = 0, so Dice = 2|G| / (N + |G|), IoU = |G| / N
+        assert table.loc[volume_id, "dice"] == pytest.approx(2 * tumor / (voxels + tumor))
+        assert table.loc[volume_id, "iou"] == pytest.approx(tumor / voxels)
+        assert table.loc[volume_id, "tumor_pixels"] == tumor
+        assert table.loc[volume_id, "predicted_pixels"] == voxels  # at 64 px, not the model's 32
+        if tumor == 0:  # exactly one mask empty: HD95 is the volume's diagonal in the input's own pixels
+            assert table.loc[volume_id, "hd95"] == pytest.approx(math.sqrt(masks.shape[0] ** 2 + 64**2 + 64**2))
+    all_tumor = sum(int(m.sum()) for m in truth.values())
+    all_voxels = sum(m.size for m in truth.values())
+    assert summary["pooled"]["dice"] == pytest.approx(2 * all_tumor / (all_voxels + all_tumor))
+    assert summary["per_patient"]["dice"]["mean"] == pytest.approx(table["dice"].mean())
+    assert summary["tumor_free_patients"] == sum(int(not m.any()) for m in truth.values()) >= 1
+    assert summary["n_slices"] == sum(len(m) for m in truth.values())
+    assert json.loads((tmp_path / "scores" / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_predicting_nothing_scores_only_the_tumor_free_patients(all_test_manifest, tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "nothing", all_test_manifest, head_bias=-10.0)
+    table = evaluate_checkpoint(checkpoint, split="test", out=tmp_path / "scores")
+    per_patient = pd.read_csv(tmp_path / "scores" / "per_patient.csv").set_index("volume_id")
+    for volume_id, masks in truth_by_patient(all_test_manifest).items():
+        assert per_patient.loc[volume_id, "dice"] == (0.0 if masks.any() else 1.0)
+        assert per_patient.loc[volume_id, "hd95"] == pytest.approx(
+            math.sqrt(masks.shape[0] ** 2 + 64**2 + 64**2) if masks.any() else 0.0)
+    assert table["pooled"]["recall"] == 0.0
+
+
+def test_a_model_scores_as_the_meter_computed_by_hand(all_test_manifest, tmp_path):
+    manifest = load_manifest(all_test_manifest).sort_values(["volume_id", "slice_index"])
+    data = from_dict({"data": {"size": MODEL_SIZE}}).data
+    inputs = {volume_id: torch.from_numpy(np.stack([preprocess_image(tifffile.imread(r["image_path"]), data, r)
+                                                    for r in rows.to_dict("records")]))
+              for volume_id, rows in manifest.groupby("volume_id")}
+    checkpoint = make_checkpoint(tmp_path / "random", all_test_manifest, centred_on=torch.cat(list(inputs.values())))
+    summary = evaluate_checkpoint(checkpoint, manifest=all_test_manifest, split="test", out=tmp_path / "scores")
+    table = pd.read_csv(tmp_path / "scores" / "per_patient.csv").set_index("volume_id")
+
+    model, _ = load_model(checkpoint)
+    counts = {}
+    for volume_id, rows in manifest.groupby("volume_id"):
+        with torch.no_grad():
+            probabilities = torch.sigmoid(model(inputs[volume_id]))
+        pred = (F.interpolate(probabilities, size=(64, 64), mode="bilinear") > 0.5).numpy()[:, 0]
+        truth = np.stack([tifffile.imread(path) > 0 for path in rows["mask_path"]])
+        counts[volume_id] = ((pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum())
+    predicted = sum(tp + fp for tp, fp, _ in counts.values())
+    assert 0.2 < predicted / (len(manifest) * 64 * 64) < 0.8, "the check needs a prediction neither empty nor full"
+    for volume_id, (tp, fp, fn) in counts.items():
+        expected = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+        assert table.loc[volume_id, "dice"] == pytest.approx(expected)
+    tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
+    assert summary["pooled"]["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert summary["per_patient"]["dice"]["mean"] == pytest.approx(table["dice"].mean())
+
+
+def test_data_dir_is_split_with_the_checkpoints_own_settings(synth_dir, all_test_manifest, tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "ckpt", all_test_manifest, head_bias=10.0)
+    summary = evaluate_checkpoint(checkpoint, data_dir=synth_dir, split="val")
+    expected, _ = prepare(synth_dir, tmp_path / "again.parquet")  # default split keys, as in the checkpoint
+    assert summary["n_patients"] == expected.query("split == 'val'")["volume_id"].nunique()
+    assert summary["n_slices"] == int((expected["split"] == "val").sum())
+
+
+def test_bad_requests_are_clear_errors(all_test_manifest, tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "ckpt", all_test_manifest, head_bias=10.0)
+    with pytest.raises(ValueError, match="no slices in split 'val'"):
+        evaluate_checkpoint(checkpoint, split="val")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        evaluate_checkpoint(tmp_path / "absent")
+    one_channel = make_checkpoint(tmp_path / "gray", all_test_manifest, in_channels=1)
+    with pytest.raises(ValueError, match="3 channels, the checkpoint was trained on 1"):
+        evaluate_checkpoint(one_channel, split="test")

@@ -1,0 +1,151 @@
+"""Export of inference Parquet: mask PNGs, overlays on the FLAIR channel, NIfTI volumes with the source's geometry."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from raysegm.checkpoint import save_checkpoint
+from raysegm.config import ExperimentConfig, InferSettings, replace
+from raysegm.data.io import read_slice_file
+from raysegm.data.synth import generate_dataset
+from raysegm.export import TINT_ALPHA, export
+from raysegm.infer import SCHEMA, OutputFolder, decode_mask_png, encode_mask_png, infer
+from raysegm.models import create_model
+
+SIZE = 32
+
+
+def _square_mask(k: int) -> np.ndarray:
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    mask[8 + k:20, 6:18 + k] = True
+    return mask
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("src") / "kaggle_3m", patients=1, slices=4, size=SIZE, seed=0)
+
+
+@pytest.fixture(scope="module")
+def output(source, tmp_path_factory) -> tuple[Path, str, dict]:
+    """An inference output written by hand: slices 1, 2 and 4 with known masks, slice 3 an error row."""
+    volume_id = next(p.name for p in source.iterdir() if p.is_dir())
+    masks = {k: _square_mask(k) for k in (1, 2, 4)}
+    rows = pd.DataFrame({
+        "volume_id": volume_id,
+        "slice_index": np.array([1, 2, 3, 4], dtype=np.int32),
+        "source": [str(source / volume_id / f"{volume_id}_{k}.tif") for k in (1, 2, 3, 4)],
+        "height": np.array([SIZE, SIZE, 0, SIZE], dtype=np.int32),
+        "width": np.array([SIZE, SIZE, 0, SIZE], dtype=np.int32),
+        "mask_png": [encode_mask_png(masks[1]), encode_mask_png(masks[2]), None, encode_mask_png(masks[4])],
+        "tumor_pixels": np.array([masks[1].sum(), masks[2].sum(), 0, masks[4].sum()], dtype=np.int64),
+        "max_prob": np.array([0.9, 0.8, np.nan, 0.7], dtype=np.float32),
+        "model": "0123456789abcdef",
+        "status": ["ok", "ok", "error", "ok"],
+        "error": [None, None, "x.tif: truncated tif", None],
+    })
+    folder = tmp_path_factory.mktemp("infer") / "masks"
+    out = OutputFolder(str(folder))
+    out.open({"model": "0123456789abcdef", "checkpoint": "c", "input": str(source),
+              "settings": {"tta": False, "postprocess": "none", "threshold": 0.5}})
+    out.commit(volume_id, rows[SCHEMA.names])
+    return folder, volume_id, masks
+
+
+def test_png_export_writes_every_mask_and_skips_error_rows(output, tmp_path):
+    folder, volume_id, masks = output
+    assert export(folder, to="png", out=tmp_path / "png") == tmp_path / "png"
+    written = sorted(p.name for p in (tmp_path / "png" / volume_id).iterdir())
+    assert written == [f"{volume_id}_{k}_mask.png" for k in (1, 2, 4)]
+    for k, mask in masks.items():
+        with Image.open(tmp_path / "png" / volume_id / f"{volume_id}_{k}_mask.png") as png:
+            assert png.mode == "L"
+            np.testing.assert_array_equal(np.asarray(png), np.where(mask, 255, 0))
+
+
+def test_overlay_tints_the_mask_on_the_flair_channel(output, source, tmp_path):
+    folder, volume_id, masks = output
+    export(folder, to="overlay", out=tmp_path / "overlay")
+    assert len(list((tmp_path / "overlay" / volume_id).iterdir())) == 3
+    grey = read_slice_file(source / volume_id / f"{volume_id}_2.tif")[..., 1].astype(float)
+    with Image.open(tmp_path / "overlay" / volume_id / f"{volume_id}_2_overlay.png") as png:
+        assert png.mode == "RGB"
+        rgb = np.asarray(png).astype(int)
+    mask = masks[2]
+    outside = ~mask
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[..., channel][outside], grey[outside])
+    inside = np.zeros_like(mask)
+    inside[11:19, 7:19] = True  # the mask's interior, away from its one-pixel outline
+    np.testing.assert_array_equal(rgb[..., 0][inside], np.round((1 - TINT_ALPHA) * grey[inside] + TINT_ALPHA * 255))
+    np.testing.assert_array_equal(rgb[..., 1][inside], np.round((1 - TINT_ALPHA) * grey[inside]))
+    np.testing.assert_array_equal(rgb[10, 6:20], np.tile([255, 0, 0], (14, 1)))  # top outline row
+
+
+def test_overlay_finds_moved_sources_under_source_root(output, source, tmp_path):
+    folder, volume_id, _ = output
+    moved = tmp_path / "moved"
+    shutil.copytree(source, moved)
+    original = source.with_name("kaggle_3m.away")
+    source.rename(original)
+    try:
+        with pytest.raises(FileNotFoundError, match="source_root"):
+            export(folder, to="overlay", out=tmp_path / "o1")
+        export(folder, to="overlay", out=tmp_path / "o2", source_root=moved)
+        assert len(list((tmp_path / "o2" / volume_id).glob("*_overlay.png"))) == 3
+    finally:
+        original.rename(source)
+
+
+def test_nifti_from_2d_slices_stacks_in_order_with_identity_affine(output, tmp_path, capsys):
+    folder, volume_id, masks = output
+    export(folder, to="nifti", out=tmp_path / "nii")
+    image = nibabel.load(tmp_path / "nii" / f"{volume_id}.nii.gz")
+    np.testing.assert_array_equal(image.affine, np.eye(4))
+    data = np.asarray(image.dataobj)
+    assert data.shape == (SIZE, SIZE, 4) and data.dtype == np.uint8
+    for position, k in enumerate((1, 2, 3, 4)):
+        expected = masks[k] if k in masks else np.zeros((SIZE, SIZE), dtype=bool)
+        np.testing.assert_array_equal(data[..., position], expected.astype(np.uint8))
+    assert "slices [3] have no mask" in capsys.readouterr().out
+
+
+def test_unknown_format_is_an_error(output, tmp_path):
+    with pytest.raises(ValueError, match="unknown format"):
+        export(output[0], to="jpeg", out=tmp_path)
+
+
+def test_nifti_source_through_inference_keeps_its_affine(ray_session, tmp_path):
+    """A FLAIR-only int16 NIfTI case segmented by a (tiny, untrained) model, exported back to NIfTI."""
+    rng = np.random.default_rng(0)
+    affine = np.array([[0.0, -0.9, 0.0, 100.0], [1.1, 0.0, 0.0, -20.0], [0.0, 0.0, 3.0, 5.5], [0, 0, 0, 1]])
+    volume = (rng.normal(300, 80, size=(24, 40, 5))).astype(np.int16)
+    (tmp_path / "cases").mkdir()
+    nibabel.save(nibabel.Nifti1Image(volume, affine), tmp_path / "cases" / "CASE7.nii.gz")
+    torch.manual_seed(0)
+    config = replace(ExperimentConfig(), data={"size": SIZE}, model={"unet_width": 4, "unet_depth": 2})
+    checkpoint = save_checkpoint(tmp_path / "ckpt", create_model(config.model, 3), config)
+    settings = InferSettings(batch_size=8, torch_threads=1, threshold=0.0)  # every pixel is tumor at > 0
+    summary = infer(checkpoint, tmp_path / "cases", tmp_path / "out", settings)
+    assert summary["ok"] == 5
+    rows = pd.read_parquet(tmp_path / "out").sort_values("slice_index")
+    assert rows["slice_index"].tolist() == [0, 1, 2, 3, 4] and (rows["volume_id"] == "CASE7").all()
+    assert (rows["height"] == 24).all() and (rows["width"] == 40).all()
+    export(tmp_path / "out", to="nifti", out=tmp_path / "nii")
+    image = nibabel.load(tmp_path / "nii" / "CASE7.nii.gz")
+    np.testing.assert_allclose(image.affine, affine, atol=1e-6)
+    data = np.asarray(image.dataobj)
+    assert data.shape == volume.shape
+    for row in rows.itertuples():
+        np.testing.assert_array_equal(data[..., row.slice_index], decode_mask_png(row.mask_png).astype(np.uint8))
+    assert data.all()
+    export(tmp_path / "out", to="overlay", out=tmp_path / "overlay")
+    assert len(list((tmp_path / "overlay" / "CASE7").glob("CASE7_*_overlay.png"))) == 5

@@ -1,0 +1,417 @@
+"""Bulk inference: a model trained here on synthetic data, run through Ray Data into Parquet and read back."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+import tifffile
+import torch
+
+from raysegm.checkpoint import load_model, model_id, save_checkpoint
+from raysegm.config import ExperimentConfig, InferSettings, replace
+from raysegm.data.discover import discover
+from raysegm.data.io import read_image, read_mask
+from raysegm.data.preprocess import preprocess_image, preprocess_mask
+from raysegm.data.synth import generate_dataset
+from raysegm.infer import (
+    METADATA,
+    SCHEMA,
+    TEMP_PREFIX,
+    SegmentationPredictor,
+    decode_mask_png,
+    encode_mask_png,
+    infer,
+    largest_connected_component,
+    part_name,
+    read_slices,
+)
+from raysegm.losses import make_loss
+from raysegm.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+SETTINGS = InferSettings(batch_size=8, replicas=1, cpus_per_replica=0.5, torch_threads=1)
+
+
+def tiny_config(in_channels: int = 3) -> ExperimentConfig:
+    return replace(ExperimentConfig(), data={"size": SIZE, "in_channels": in_channels},
+                   model={"variant": "unet", "unet_width": 8, "unet_depth": 3})
+
+
+def _training_arrays(root: Path, config: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
+    slices, _ = discover(root)
+    records = slices.to_dict("records")
+    images = np.stack([preprocess_image(read_image(r), config.data, r) for r in records])
+    masks = np.stack([preprocess_mask(read_mask(r), SIZE) for r in records])
+    return images, masks
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny U-Net trained for a few epochs on synthetic data (plain torch loop, well under a minute)."""
+    work = tmp_path_factory.mktemp("train")
+    config = tiny_config()
+    images, masks = _training_arrays(generate_dataset(work / "data", patients=6, slices=12, size=SIZE, seed=0),
+                                     config)
+    torch.manual_seed(0)
+    model = create_model(config.model, in_channels=3)
+    loss_fn = make_loss("bce_dice")
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    inputs, targets = torch.from_numpy(images), torch.from_numpy(masks)
+    generator = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy 2-core host more threads make each step many times slower
+    try:
+        for _ in range(10):
+            order = torch.randperm(len(inputs), generator=generator)
+            for start in range(0, len(inputs), 8):
+                batch = order[start:start + 8]
+                optimizer.zero_grad()
+                loss_fn(model(inputs[batch]), targets[batch]).backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return save_checkpoint(work / "checkpoint", model.eval(), config)
+
+
+@pytest.fixture(scope="module")
+def untrained_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    config = tiny_config()
+    return save_checkpoint(tmp_path_factory.mktemp("untrained"), create_model(config.model, 3), config)
+
+
+def _plant_blob(root: Path) -> tuple[str, int, tuple[slice, slice]]:
+    """Copy a tumor, with a margin, to the place inside the head of its own slice farthest from it that no
+    tumor of the volume touches: a false positive LCC must remove (the volume's real tumor spans several
+    slices, so it is the larger 3D component). Returns (volume_id, slice_index, region of the copy)."""
+    slices, _ = discover(root)
+    records = slices[slices["has_tumor"]].to_dict("records")
+    for record in sorted(records, key=lambda r: read_mask(r).sum()):
+        if read_mask(record).sum() < 40:
+            continue
+        volume = slices[slices["volume_id"] == record["volume_id"]]
+        union = np.any([read_mask(r) > 0 for r in volume.to_dict("records")], axis=0)
+        rows, cols = np.nonzero(read_mask(record))
+        top, left = max(rows.min() - 2, 0), max(cols.min() - 2, 0)
+        height, width = min(rows.max() + 3, SIZE) - top, min(cols.max() + 3, SIZE) - left
+        image = read_image(record)
+        head = image.mean(axis=-1) > 20
+        places = [(y, x) for y in range(1, SIZE - height - 1) for x in range(1, SIZE - width - 1)
+                  if not union[y - 1:y + height + 1, x - 1:x + width + 1].any()
+                  and head[y:y + height, x:x + width].all()]
+        if places:
+            y, x = max(places, key=lambda p: (p[0] - top) ** 2 + (p[1] - left) ** 2)
+            image[y:y + height, x:x + width] = image[top:top + height, left:left + width].copy()
+            tifffile.imwrite(record["image_path"], image, photometric="rgb")
+            return record["volume_id"], int(record["slice_index"]), (slice(y, y + height), slice(x, x + width))
+    raise AssertionError("no tumor-free place inside a head for the planted copy")
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> tuple[Path, tuple]:
+    """Held-out synthetic patients (another seed) with one planted false-positive blob."""
+    root = generate_dataset(tmp_path_factory.mktemp("heldout") / "kaggle_3m", patients=3, slices=10,
+                            size=SIZE, seed=1)
+    return root, _plant_blob(root)
+
+
+def _truth(root: Path) -> pd.DataFrame:
+    slices, _ = discover(root)
+    slices["truth"] = [read_mask(r).astype(bool) for r in slices.to_dict("records")]
+    return slices
+
+
+def _pooled_dice(predicted: list[np.ndarray], truth: list[np.ndarray]) -> float:
+    overlap = sum(int((p & t).sum()) for p, t in zip(predicted, truth))
+    total = sum(int(p.sum()) + int(t.sum()) for p, t in zip(predicted, truth))
+    return 2 * overlap / total if total else 1.0
+
+
+def _masks(output: Path) -> pd.DataFrame:
+    rows = pd.read_parquet(output)
+    rows["mask"] = [decode_mask_png(data) if data is not None else None for data in rows["mask_png"]]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_session, checkpoint, archive, tmp_path_factory):
+    output = tmp_path_factory.mktemp("out") / "masks"
+    summary = infer(checkpoint, archive[0], output, SETTINGS, ray_address=None)
+    return output, summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pieces, without Ray
+
+
+def test_mask_png_is_8_bit_single_channel_255_tumor():
+    mask = np.zeros((5, 7), dtype=bool)
+    mask[1:3, 2:6] = True
+    data = encode_mask_png(mask)
+    from io import BytesIO
+
+    from PIL import Image
+
+    with Image.open(BytesIO(data)) as png:
+        assert (png.format, png.mode, png.size) == ("PNG", "L", (7, 5))
+        assert set(np.unique(np.asarray(png))) == {0, 255}
+    np.testing.assert_array_equal(decode_mask_png(data), mask)
+
+
+def test_largest_connected_component_keeps_the_biggest_3d_blob():
+    masks = np.zeros((4, 10, 10), dtype=bool)
+    masks[0:3, 2:5, 2:5] = True  # 27 voxels across three slices
+    masks[3, 8:10, 8:10] = True  # 4 voxels, far away
+    masks[1, 6, 6] = True  # touches nothing (diagonal neighbours do not count)
+    kept = largest_connected_component(masks)
+    expected = np.zeros_like(masks)
+    expected[0:3, 2:5, 2:5] = True
+    np.testing.assert_array_equal(kept, expected)
+    assert not (kept & ~masks).any()
+    assert not largest_connected_component(np.zeros((2, 3, 3), dtype=bool)).any()
+    diagonal = np.zeros((1, 3, 3), dtype=bool)
+    diagonal[0, 0, 0] = diagonal[0, 1, 1] = True
+    assert largest_connected_component(diagonal).sum() == 1
+
+
+def test_part_names_are_unique_and_parquet_visible():
+    names = {part_name(v) for v in ("a/b", "a_b", "TCGA_CS_4942_19970222", "x" * 300)}
+    assert len(names) == 4
+    assert all(n.startswith("part-") and n.endswith(".parquet") and "/" not in n for n in names)
+
+
+def _batch(images, sizes, status=None):
+    count = len(images)
+    return {
+        "image": images.astype(np.float32),
+        "height": np.array([s[0] for s in sizes], dtype=np.int32),
+        "width": np.array([s[1] for s in sizes], dtype=np.int32),
+        "status": np.array(status or ["ok"] * count),
+        "error": np.array([""] * count),
+        "volume_id": np.array(["v"] * count),
+        "slice_index": np.arange(count, dtype=np.int32),
+        "source": np.array([f"/x/v_{i}.tif" for i in range(count)]),
+    }
+
+
+def test_predictor_without_ray_matches_the_model_by_hand(checkpoint, archive):
+    images, _ = _training_arrays(archive[0], tiny_config())
+    images = images[:4]
+    model, _ = load_model(checkpoint)
+    with torch.no_grad():
+        probs = torch.sigmoid(model(torch.from_numpy(images)))[:, 0]
+        flipped = torch.flip(torch.sigmoid(model(torch.flip(torch.from_numpy(images), dims=[-1]))), dims=[-1])[:, 0]
+    predictor = SegmentationPredictor(checkpoint, InferSettings(), device="cpu")
+    rows = predictor(_batch(images, [(SIZE, SIZE)] * 3 + [(100, 80)], status=["ok", "ok", "error", "ok"]))
+    assert list(rows.columns) == SCHEMA.names
+    assert (rows["model"] == model_id(checkpoint)).all()
+    for i in (0, 1):
+        expected = (probs[i] > 0.5).numpy()
+        np.testing.assert_array_equal(decode_mask_png(rows["mask_png"][i]), expected)
+        assert rows["tumor_pixels"][i] == expected.sum()
+        assert rows["max_prob"][i] == pytest.approx(float(probs[i].max()), abs=1e-6)
+    assert rows["mask_png"][2] == b"" and np.isnan(rows["max_prob"][2]) and rows["status"][2] == "error"
+    assert decode_mask_png(rows["mask_png"][3]).shape == (100, 80)  # back at the slice's own size
+
+    tta = SegmentationPredictor(checkpoint, {**InferSettings().__dict__, "tta": True}, device="cpu")
+    rows = tta(_batch(images[:1], [(SIZE, SIZE)]))
+    np.testing.assert_array_equal(decode_mask_png(rows["mask_png"][0]), ((probs[0] + flipped[0]) / 2 > 0.5).numpy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_predictor_cuda_agrees_with_cpu(checkpoint, archive):
+    images, _ = _training_arrays(archive[0], tiny_config())
+    batch = _batch(images, [(SIZE, SIZE)] * len(images))
+    cpu = SegmentationPredictor(checkpoint, InferSettings(), device="cpu")(batch)
+    for precision in ("fp32", "auto"):
+        gpu = SegmentationPredictor(checkpoint, InferSettings(precision=precision), device="cuda")(batch)
+        cpu_masks = np.stack([decode_mask_png(d) for d in cpu["mask_png"]])
+        gpu_masks = np.stack([decode_mask_png(d) for d in gpu["mask_png"]])
+        assert (cpu_masks != gpu_masks).mean() < (1e-5 if precision == "fp32" else 1e-3)
+
+
+def test_read_stage_turns_an_unreadable_file_into_an_error_row(tmp_path, archive):
+    slices, _ = discover(archive[0])
+    rows = slices.head(2).copy()
+    rows["source"] = rows["image_path"]
+    broken = tmp_path / "broken_1.tif"
+    broken.write_bytes(b"not a tif at all")
+    rows.loc[rows.index[1], ["image_path", "source"]] = str(broken)
+    batch = read_slices(rows, tiny_config().data.__dict__)
+    assert batch["image"].shape == (2, 3, SIZE, SIZE)
+    assert list(batch["status"]) == ["ok", "error"]
+    assert str(broken) in batch["error"][1] and "unreadable tif" in batch["error"][1]
+    assert batch["image"][0].max() > 0 and batch["error"][0] == ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray Data runs
+
+
+def test_infer_writes_one_row_per_slice_in_the_contract_schema(baseline, archive, checkpoint):
+    output, summary = baseline
+    truth = _truth(archive[0])
+    rows = _masks(output)
+    assert len(rows) == len(truth) == summary["slices"] == summary["ok"]
+    assert summary["errors"] == 0 and summary["volumes_written"] == 3
+    assert not rows.duplicated(["volume_id", "slice_index"]).any()
+    schema = pads.dataset(output, format="parquet").schema
+    for field in SCHEMA:
+        assert schema.field(field.name).type == field.type, field.name
+    assert schema.field("mask_png").type == pa.binary() and schema.field("slice_index").type == pa.int32()
+    assert (rows["model"] == model_id(checkpoint)).all() and (rows["status"] == "ok").all()
+    assert rows["error"].isna().all()
+    merged = truth.merge(rows, on=["volume_id", "slice_index"], suffixes=("_in", ""))
+    assert len(merged) == len(truth)
+    assert all(m.shape == t.shape == (h, w) for m, t, h, w in
+               zip(merged["mask"], merged["truth"], merged["height"], merged["width"]))
+    assert (merged["tumor_pixels"] == [int(m.sum()) for m in merged["mask"]]).all()
+    assert merged["source"].tolist() == merged["image_path"].tolist()
+    dice = _pooled_dice(list(merged["mask"]), list(merged["truth"]))
+    empty = _pooled_dice([np.zeros_like(t) for t in merged["truth"]], list(merged["truth"]))
+    assert empty == 0.0 and dice > 0.5, dice
+
+
+def test_rerun_skips_committed_volumes(baseline, archive, checkpoint):
+    output, _ = baseline
+    before = sorted(p.name for p in output.iterdir())
+    summary = infer(checkpoint, archive[0], output, SETTINGS)
+    assert summary["volumes_skipped"] == 3 and summary["slices"] == 0
+    assert sorted(p.name for p in output.iterdir()) == before
+
+
+def test_lcc_removes_the_planted_blob_and_never_adds_tumor(ray_session, baseline, archive, checkpoint, tmp_path):
+    volume_id, slice_index, region = archive[1]
+    plain = _masks(baseline[0]).set_index(["volume_id", "slice_index"])
+    summary = infer(checkpoint, archive[0], tmp_path / "lcc", SETTINGS, postprocess="lcc")
+    assert summary["ok"] == len(plain)
+    lcc = _masks(tmp_path / "lcc").set_index(["volume_id", "slice_index"])
+    planted = plain.loc[(volume_id, slice_index), "mask"][region]
+    assert planted.sum() >= 10, "the model should take the planted copy of a tumor for tumor"
+    assert lcc.loc[(volume_id, slice_index), "mask"][region].sum() == 0
+    assert lcc.loc[(volume_id, slice_index), "tumor_pixels"] > 0  # the real tumor stays
+    for key, row in lcc.iterrows():
+        assert not (row["mask"] & ~plain.loc[key, "mask"]).any()
+        assert row["tumor_pixels"] == row["mask"].sum() <= plain.loc[key, "tumor_pixels"]
+
+
+def test_tta_run_from_and_to_uris(ray_session, archive, checkpoint, tmp_path):
+    source_uri = Path(archive[0]).resolve().as_uri()
+    output_uri = (tmp_path / "tta").as_uri()
+    summary = infer(checkpoint, source_uri, output_uri, SETTINGS, tta=True)
+    rows = _masks(tmp_path / "tta")
+    truth = _truth(archive[0])
+    assert summary["ok"] == len(rows) == len(truth)
+    assert rows["source"].str.startswith(source_uri + "/").all()
+    merged = truth.merge(rows, on=["volume_id", "slice_index"])
+    assert _pooled_dice(list(merged["mask"]), list(merged["truth"])) > 0.5
+    assert '"tta": true' in (tmp_path / "tta" / METADATA).read_text()
+
+
+def test_bad_files_become_error_rows_and_the_rest_flows(ray_session, checkpoint, tmp_path):
+    root = generate_dataset(tmp_path / "kaggle_3m", patients=2, slices=6, size=SIZE, seed=3)
+    good, _ = discover(root)
+    volume = good["volume_id"].iloc[0]
+    folder = root / volume
+    truncated = folder / f"{volume}_2.tif"
+    truncated.write_bytes(truncated.read_bytes()[:-4000])
+    empty = folder / f"{volume}_3.tif"
+    empty.write_bytes(b"")
+    garbage = folder / f"{volume}_4.tif"
+    garbage.write_bytes(np.random.default_rng(0).bytes(3000))
+    notes = folder / "scanner-notes.bin"
+    notes.write_bytes(b"\x00\x01")
+    summary = infer(checkpoint, root, tmp_path / "out", SETTINGS)
+    rows = pd.read_parquet(tmp_path / "out")
+    assert len(rows) == len(good) + 1 and summary["errors"] == 4 and summary["ok"] == len(good) - 3
+    errors = rows[rows["status"] == "error"].set_index("slice_index")
+    assert set(errors.index) == {2, 3, 4, -1} and (errors["volume_id"] == volume).all()
+    for k, path, reason in ((2, truncated, "truncated"), (3, empty, "empty"), (4, garbage, "unreadable"),
+                            (-1, notes, "unsupported")):
+        assert str(path) in errors.loc[k, "error"] and reason in errors.loc[k, "error"], errors.loc[k, "error"]
+        assert errors.loc[k, "source"] == str(path) and errors.loc[k, "mask_png"] is None
+    ok = rows[rows["status"] == "ok"]
+    bad = {(volume, 2), (volume, 3), (volume, 4)}
+    expected = {key for key in zip(good["volume_id"], good["slice_index"]) if key not in bad}
+    assert set(zip(ok["volume_id"], ok["slice_index"])) == expected
+    assert ok["mask_png"].notna().all() and ok["error"].isna().all()
+
+
+def test_output_of_another_checkpoint_or_other_settings_is_an_error(baseline, archive, untrained_checkpoint,
+                                                                     checkpoint):
+    with pytest.raises(ValueError, match="holds the output of model"):
+        infer(untrained_checkpoint, archive[0], baseline[0], SETTINGS)
+    with pytest.raises(ValueError, match="tta"):
+        infer(checkpoint, archive[0], baseline[0], SETTINGS, tta=True)
+
+
+def test_channel_mismatch_is_an_error(archive, tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config(in_channels=1)
+    single = save_checkpoint(tmp_path / "single", create_model(config.model, in_channels=1), config)
+    with pytest.raises(ValueError, match=r"\[3\] channels but checkpoint .* trained on 1"):
+        infer(single, archive[0], tmp_path / "out", SETTINGS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_is_not_an_inference_output_is_refused(archive, checkpoint, tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.csv").write_text("a\n")
+    with pytest.raises(ValueError, match="not a raysegm inference output"):
+        infer(checkpoint, archive[0], tmp_path / "other", SETTINGS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Killed and run again, on a private cluster
+
+
+def _parts(output: Path) -> list[Path]:
+    return sorted(output.glob("part-*.parquet")) if output.is_dir() else []
+
+
+@pytest.mark.slow
+def test_killed_job_rerun_gives_every_slice_exactly_once(checkpoint, tmp_path):
+    from tests.raycluster import LocalRayCluster
+
+    root = generate_dataset(tmp_path / "kaggle_3m", patients=10, slices=8, size=SIZE, seed=4)
+    output = tmp_path / "out"
+    args = ["--checkpoint", str(checkpoint), "--input", str(root), "--output", str(output),
+            "--set", "infer.batch_size=1", "--set", "infer.torch_threads=1"]
+    with LocalRayCluster(head_cpus=2) as cluster:
+        driver = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "infer.py"), *args], env=cluster.env,
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while not _parts(output) and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)
+        log = driver.communicate()[0]
+        committed = _parts(output)
+        assert 1 <= len(committed) < 10, f"kill one part in, not after all of them:\n{log[-3000:]}"
+        assert driver.returncode == -signal.SIGKILL
+        visible = pd.read_parquet(output)  # readable at once: no partial file under a final name
+        assert len(visible) == 8 * len(committed)
+        (output / f"{TEMP_PREFIX}leftover-part-x.parquet").write_bytes(b"half a file")
+
+        rerun = subprocess.run([sys.executable, "-m", "raysegm", "infer", *args], env=cluster.env, cwd=ROOT,
+                               capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"{len(committed)} already committed" in rerun.stdout
+    rows = pd.read_parquet(output)
+    good, _ = discover(root)
+    assert len(rows) == len(good) == 80 and (rows["status"] == "ok").all()
+    assert not rows.duplicated(["volume_id", "slice_index"]).any()
+    assert set(zip(rows["volume_id"], rows["slice_index"])) == set(zip(good["volume_id"], good["slice_index"]))
+    assert not [p for p in output.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    assert len(_parts(output)) == 10 and (output / METADATA).is_file()
+    shutil.rmtree(output)

@@ -1,0 +1,96 @@
+"""Losses on hand-computed cases (product.md, "Losses")."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+
+from raysegm.losses import make_loss
+
+LOGIT = 20.0  # sigmoid(20) = 1 - 2e-9: "certain" for hand arithmetic
+
+
+def test_bce_by_hand():
+    logits = torch.tensor([2.0, -1.0, 0.0, 3.0]).reshape(1, 1, 2, 2)
+    target = torch.tensor([1.0, 0.0, 1.0, 0.0]).reshape(1, 1, 2, 2)
+    p = [1 / (1 + math.exp(-x)) for x in (2.0, -1.0, 0.0, 3.0)]
+    expected = -(math.log(p[0]) + math.log(1 - p[1]) + math.log(p[2]) + math.log(1 - p[3])) / 4
+    assert make_loss("bce")(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dice_by_hand():
+    # p = 0.5 everywhere on 8 pixels with 2 tumor pixels: sum p = 4, sum g = 2, sum pg = 1
+    logits = torch.zeros(2, 1, 2, 2)
+    target = torch.zeros(2, 1, 2, 2)
+    target[0, 0, 0, 0] = target[1, 0, 1, 1] = 1
+    assert make_loss("dice")(logits, target).item() == pytest.approx(1 - (2 * 1 + 1) / (4 + 2 + 1), rel=1e-6)
+    assert make_loss("bce_dice")(logits, target).item() == pytest.approx(math.log(2) + 4 / 7, rel=1e-6)
+
+
+def test_dice_sums_over_the_whole_batch_not_per_image():
+    # image 0: 4 tumor pixels predicted exactly; image 1: no tumor, 2 pixels predicted
+    logits = torch.full((2, 1, 2, 2), -LOGIT)
+    target = torch.zeros(2, 1, 2, 2)
+    logits[0] = LOGIT
+    target[0] = 1
+    logits[1, 0, 0, :] = LOGIT
+    batch = 1 - (2 * 4 + 1) / ((4 + 2) + 4 + 1)  # 1 - 9/11
+    per_image_mean = ((1 - 9 / 9) + (1 - 1 / 3)) / 2
+    loss = make_loss("dice")(logits, target).item()
+    assert loss == pytest.approx(batch, abs=1e-6)
+    assert abs(loss - per_image_mean) > 0.1
+
+
+@pytest.mark.parametrize("name", ["dice", "bce_dice"])
+def test_a_batch_without_tumor_still_pays_for_predicted_tumor(name):
+    target = torch.zeros(2, 1, 8, 8)
+    everywhere = make_loss(name)(torch.full_like(target, LOGIT), target).item()
+    nowhere = make_loss(name)(torch.full_like(target, -LOGIT), target).item()
+    assert nowhere == pytest.approx(0.0, abs=1e-6)
+    assert everywhere > 0.99
+    assert everywhere > nowhere
+
+
+def test_smp_dice_loss_is_blind_on_a_batch_without_tumor():
+    """Why `dice` is ours: smp's DiceLoss skips classes absent from the batch, so it scores both as 0."""
+    target = torch.zeros(2, 1, 8, 8)
+    smp_dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
+    assert smp_dice(torch.full_like(target, LOGIT), target).item() == 0.0
+    assert smp_dice(torch.full_like(target, -LOGIT), target).item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["bce", "dice", "bce_dice"])
+def test_losses_compute_in_float32_under_autocast(name):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 16, 16).bfloat16()
+    target = (torch.rand(2, 1, 16, 16) > 0.7).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = make_loss(name)(logits, target)
+    assert under_autocast.dtype == torch.float32
+    assert under_autocast.item() == pytest.approx(make_loss(name)(logits.float(), target).item(), rel=1e-6)
+
+
+def test_losses_fall_as_logits_fit_the_target():
+    torch.manual_seed(0)
+    target = (torch.rand(2, 1, 8, 8) > 0.7).float()
+    logits = torch.zeros_like(target, requires_grad=True)
+    loss_fn = make_loss("bce_dice")
+    optimizer = torch.optim.Adam([logits], lr=0.5)
+    first = loss_fn(logits, target).item()
+    for _ in range(50):
+        optimizer.zero_grad()
+        loss = loss_fn(logits, target)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1 * first
+    assert torch.equal(logits.detach() > 0, target.bool())
+
+
+def test_unknown_loss_and_shape_mismatch_are_errors():
+    with pytest.raises(ValueError, match="bce, dice, bce_dice"):
+        make_loss("focal")
+    with pytest.raises(ValueError, match="differ in shape"):
+        make_loss("dice")(torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 4))

@@ -1,0 +1,217 @@
+"""Preprocessing, augmentation and the Ray Data pipeline."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from raysegm.config import DataSettings
+from raysegm.data.discover import prepare
+from raysegm.data.io import read_image, read_mask
+from raysegm.data.pipeline import build_dataset, oversample_tumor
+from raysegm.data.preprocess import (
+    augment,
+    build_augmenter,
+    preprocess_image,
+    preprocess_mask,
+    resize_image,
+    scale_image,
+    volume_stats,
+)
+
+# ---------------------------------------------------------------------------------------------------
+# preprocessing, against hand-computed values
+
+
+def test_scale_divides_uint8_by_255_and_moves_channels_first():
+    image = np.array([[[0, 51, 255], [102, 0, 0]]], dtype=np.uint8)  # (1, 2, 3)
+    out = scale_image(image, DataSettings(), None)
+    assert out.shape == (3, 1, 2) and out.dtype == np.float32
+    np.testing.assert_allclose(out[:, 0, 0], [0.0, 0.2, 1.0])
+    np.testing.assert_allclose(out[:, 0, 1], [0.4, 0.0, 0.0])
+
+
+def test_scale_min_max_scales_volume_values_with_the_volume_statistics():
+    image = np.array([[[-100.0], [0.0], [250.0], [900.0]]], dtype=np.float32)  # (1, 4, 1)
+    stats = {"norm_low": [0.0], "norm_high": [500.0], "norm_mean": [0.0], "norm_std": [1.0]}
+    out = scale_image(image, DataSettings(), stats)
+    np.testing.assert_allclose(out[0, 0], [0.0, 0.0, 0.5, 1.0])
+
+
+def test_volume_zscore_clips_then_standardizes():
+    image = np.array([[[-100.0, 10.0], [0.0, 20.0], [250.0, 30.0], [900.0, 40.0]]], dtype=np.float32)
+    stats = {"norm_low": [0.0, 10.0], "norm_high": [500.0, 30.0], "norm_mean": [100.0, 20.0],
+             "norm_std": [50.0, 10.0]}
+    out = scale_image(image, DataSettings(normalize="volume_zscore"), stats)
+    np.testing.assert_allclose(out[0, 0], [-2.0, -2.0, 3.0, 8.0])
+    np.testing.assert_allclose(out[1, 0], [-1.0, 0.0, 1.0, 1.0])
+
+
+def test_unknown_normalization_is_an_error():
+    with pytest.raises(ValueError, match="normalize"):
+        scale_image(np.zeros((2, 2, 3), np.uint8), DataSettings(normalize="minmax"), None)
+
+
+def test_volume_stats_by_hand():
+    images = np.zeros((2, 10, 10, 1))
+    images[0, :, :, 0] = np.arange(100).reshape(10, 10)
+    images[1, :, :, 0] = np.arange(100, 200).reshape(10, 10)
+    stats = volume_stats(images, (0.5, 99.5))
+    values = np.arange(200.0)
+    low, high = np.percentile(values, [0.5, 99.5])
+    assert stats["norm_low"] == pytest.approx([low]) and stats["norm_high"] == pytest.approx([high])
+    assert stats["norm_mean"] == pytest.approx([np.clip(values, low, high).mean()])
+    assert stats["norm_std"] == pytest.approx([np.clip(values, low, high).std()])
+    listed = volume_stats([images[0], images[1][:5]], (0.0, 100.0))  # slices of different sizes
+    assert listed["norm_low"] == [0.0] and listed["norm_high"] == [149.0]
+
+
+def test_preprocess_resizes_images_and_masks_by_nearest_neighbour():
+    image = np.full((128, 96, 3), 255, np.uint8)
+    image[:, :48] = 0
+    out = preprocess_image(image, DataSettings(size=64), None)
+    assert out.shape == (3, 64, 64) and out.dtype == np.float32
+    np.testing.assert_allclose(out[:, :, :30], 0.0)
+    np.testing.assert_allclose(out[:, :, 34:], 1.0)
+    mask = np.zeros((128, 96), np.uint8)
+    mask[32:96, 24:72] = 1
+    small = preprocess_mask(mask, 64)
+    assert small.shape == (1, 64, 64) and small.dtype == np.float32
+    assert set(np.unique(small)) == {0.0, 1.0}
+    assert small.sum() == pytest.approx(64 * 64 / 4, rel=0.05)
+    assert resize_image(np.zeros((20, 20, 1), np.float32), 8).shape == (8, 8, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# augmentation
+
+
+def _shape_pair(size=64):
+    """An asymmetric L-shape drawn into every image channel and into the mask."""
+    mask = np.zeros((size, size), np.uint8)
+    mask[14:44, 18:28] = 1
+    mask[34:44, 28:46] = 1
+    image = np.repeat((mask * 200)[..., None], 3, axis=-1).astype(np.uint8)
+    return image, mask
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_augment_keeps_image_and_mask_aligned_and_changes_them(seed):
+    image, mask = _shape_pair()
+    out_image, out_mask = augment(image, mask, build_augmenter(DataSettings(size=64), seed=seed))
+    assert out_image.shape == image.shape and out_mask.shape == mask.shape
+    assert set(np.unique(out_mask)) <= {0, 1}
+    shape = out_image[..., 1] > 100
+    iou = (shape & (out_mask > 0)).sum() / (shape | (out_mask > 0)).sum()
+    assert iou > 0.95
+    assert not np.array_equal(out_mask, mask) and not np.array_equal(out_image, image)
+
+
+def test_augment_follows_the_limits():
+    image, mask = _shape_pair()
+    frozen = DataSettings(rotate_limit=0.0, shift_limit=0.0, zoom_limit=0.0, shear_limit=0.0, hflip=False)
+    out_image, out_mask = augment(image, mask, build_augmenter(frozen, seed=0))
+    np.testing.assert_array_equal(out_mask, mask)
+    np.testing.assert_array_equal(out_image, image)
+    areas = [augment(image, mask, build_augmenter(DataSettings(), seed=s))[1].sum() for s in range(20)]
+    # zoom 1 +- 0.2 scales the area by 0.64..1.44 (shear and the border can only trim it)
+    assert all(0.6 * mask.sum() <= a <= 1.5 * mask.sum() for a in areas)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tumor oversampling (pure pandas)
+
+
+def test_oversample_tumor_counts():
+    rows = pd.DataFrame({"volume_id": ["a"] * 6, "slice_index": range(6),
+                         "has_tumor": [True, False, True, True, False, True]})
+    assert oversample_tumor(rows, 1.0) is rows
+    doubled = oversample_tumor(rows, 2.0)
+    assert Counter(doubled["slice_index"]) == {0: 2, 1: 1, 2: 2, 3: 2, 4: 1, 5: 2}
+    halves = [Counter(oversample_tumor(rows, 1.5, seed=s)["slice_index"]) for s in range(40)]
+    for counts in halves:
+        assert counts[1] == counts[4] == 1 and all(counts[k] in (1, 2) for k in (0, 2, 3, 5))
+    extra = np.mean([sum(c.values()) - 6 for c in halves]) / 4
+    assert 0.3 < extra < 0.7  # each tumor slice gets its extra copy about half the time
+    with pytest.raises(ValueError):
+        oversample_tumor(rows, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the Ray Data pipeline
+
+
+def _collect(dataset):
+    batches = list(dataset.iter_batches(batch_size=4, batch_format="numpy"))
+    for batch in batches:
+        assert len(batch["image"]) <= 4
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+@pytest.fixture(scope="module")
+def synth_manifest(synth_dir, tmp_path_factory):
+    manifest, _ = prepare(synth_dir, tmp_path_factory.mktemp("pipe") / "manifest.parquet")
+    return manifest
+
+
+def test_lgg_validation_split_streams_every_slice_once_preprocessed(ray_session, lgg_sample, tmp_path):
+    manifest, _ = prepare(lgg_sample, tmp_path / "manifest.parquet")
+    data = DataSettings(size=64)
+    rows = manifest[manifest["split"] == "val"].reset_index(drop=True)
+    out = _collect(build_dataset(manifest, "val", data, augment=True))
+    assert out["image"].shape == (len(rows), 3, 64, 64) and out["image"].dtype == np.float32
+    assert out["mask"].shape == (len(rows), 1, 64, 64) and out["mask"].dtype == np.float32
+    assert out["slice_index"].dtype == np.int32
+    assert list(zip(out["volume_id"], out["slice_index"])) == list(zip(rows["volume_id"], rows["slice_index"]))
+    assert set(np.unique(out["mask"])) <= {0.0, 1.0}
+    for i in (0, len(rows) // 2, len(rows) - 1):  # validation is exactly the shared preprocessing
+        record = rows.iloc[i].to_dict()
+        np.testing.assert_array_equal(out["image"][i], preprocess_image(read_image(record), data, record))
+        np.testing.assert_array_equal(out["mask"][i], preprocess_mask(read_mask(record), 64))
+    assert (out["mask"].reshape(len(rows), -1).max(axis=1) > 0).tolist() == rows["has_tumor"].tolist()
+
+
+def test_train_split_oversamples_shuffles_and_augments_per_epoch(ray_session, synth_manifest):
+    rows = synth_manifest[synth_manifest["split"] == "train"]
+    tumor = {(r.volume_id, r.slice_index) for r in rows.itertuples() if r.has_tumor}
+    assert 0 < len(tumor) < len(rows)
+    data = DataSettings(size=64, tumor_oversample=2.0)
+    dataset = build_dataset(synth_manifest, "train", data, augment=True, seed=0)
+    epochs = [_collect(dataset) for _ in range(2)]
+    for out in epochs:
+        assert out["image"].shape == (len(rows) + len(tumor), 3, 64, 64)
+        assert out["mask"].shape == (len(rows) + len(tumor), 1, 64, 64)
+        assert set(np.unique(out["mask"])) <= {0.0, 1.0}
+        counts = Counter(zip(out["volume_id"].tolist(), out["slice_index"].tolist()))
+        assert {key: n for key, n in counts.items() if n == 2}.keys() == tumor
+        assert set(counts.values()) == {1, 2}
+    first, second = ([(v, s) for v, s in zip(o["volume_id"], o["slice_index"])] for o in epochs)
+    assert first != second, "a new order each epoch"
+    # the same slice comes out differently augmented in the two epochs
+    key = (rows["volume_id"].iloc[0], rows["slice_index"].iloc[0])
+    images = [o["image"][[(v, s) == key for v, s in zip(o["volume_id"], o["slice_index"])]][0] for o in epochs]
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_train_split_without_augmentation_is_the_plain_preprocessing(ray_session, synth_manifest):
+    data = DataSettings(size=64)
+    out = _collect(build_dataset(synth_manifest, "train", data, augment=False))
+    rows = synth_manifest[synth_manifest["split"] == "train"].set_index(["volume_id", "slice_index"])
+    assert len(out["image"]) == len(rows)
+    for i in range(0, len(out["image"]), 9):
+        record = rows.loc[(out["volume_id"][i], out["slice_index"][i])].to_dict()
+        record["slice_index"] = out["slice_index"][i]
+        np.testing.assert_array_equal(out["image"][i], preprocess_image(read_image(record), data, record))
+
+
+def test_bad_splits_are_errors(synth_manifest):
+    with pytest.raises(ValueError, match="no slices"):
+        build_dataset(synth_manifest, "holdout", DataSettings(size=64), augment=False)
+    unlabeled = synth_manifest.copy()
+    unlabeled.loc[unlabeled.index[0], ["labeled", "mask_path"]] = [False, None]
+    split = unlabeled["split"].iloc[0]
+    with pytest.raises(ValueError, match="unlabeled"):
+        build_dataset(unlabeled, split, DataSettings(size=64), augment=False)

@@ -1,0 +1,124 @@
+"""The study report: Markdown and HTML with valid PNG figures, from a hand-built study (fast) and from
+a Ray Tune study (slow, shared with test_tune.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+from test_tune import ablation_study, tiny_config
+
+from raysegm.config import replace, save_json
+from raysegm.report import markdown_to_html, write_report
+from raysegm.tune import write_results
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def referenced_images(study_dir: Path) -> tuple[list[str], list[str]]:
+    page = (study_dir / "report.html").read_text()
+    markdown = (study_dir / "report.md").read_text()
+    return re.findall(r'<img [^>]*src="([^"]+)"', page), re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+def check_report(study_dir: Path) -> list[str]:
+    """Every image either file references exists and is a valid PNG; both reference the same ones."""
+    in_html, in_markdown = referenced_images(study_dir)
+    assert in_html == in_markdown and in_html
+    for source in in_html:
+        path = study_dir / source
+        assert path.is_file(), source
+        with Image.open(path) as image:
+            image.verify()
+            assert image.format == "PNG"
+    return in_html
+
+
+def test_markdown_becomes_html_tables_lists_and_images():
+    page = markdown_to_html("# Title <1>\n\nText with `code`.\n\n- one\n- two\n\n| a | b \\| c |\n|---|---|\n"
+                            "| 1 | x |\n\n![plot](figures/p.png)\n", title="t")
+    assert "<h1>Title &lt;1&gt;</h1>" in page
+    assert "<p>Text with <code>code</code>.</p>" in page
+    assert "<ul><li>one</li><li>two</li></ul>" in page
+    assert "<thead><tr><th>a</th><th>b | c</th></tr></thead><tbody><tr><td>1</td><td>x</td></tr></tbody>" in page
+    assert '<img alt="plot" src="figures/p.png">' in page
+
+
+def test_a_report_needs_a_finished_study(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        write_report(tmp_path)
+
+
+@pytest.fixture
+def hand_built_study(tmp_path):
+    """A study folder as raysegm.tune leaves it, without Tune: two trials' checkpoints saved by hand
+    (untrained tiny U-Nets with a made-up history) on a small synthetic manifest."""
+    from raysegm.checkpoint import save_checkpoint
+    from raysegm.data.discover import manifest_for
+    from raysegm.models import create_model
+
+    study_dir = tmp_path / "hand"
+    study_dir.mkdir()
+    config = tiny_config(tmp_path, "hand", "data.synthetic_patients=6", "data.synthetic_slices=4",
+                         "tune.variants=[unet, unet_attention]", "tune.losses=[bce]")
+    manifest_for(config.data, study_dir / "data")
+    config = replace(config, data={"manifest": str(study_dir / "data" / "manifest.parquet")})
+    save_json(config, study_dir / "config.json")
+    trials = []
+    for index, variant in enumerate(("unet", "unet_attention")):
+        params = {"model": {"variant": variant}, "train": {"batch_size": 4, "loss": "bce"}}
+        trial_config = replace(config, **params)
+        history = {e: {"epoch": e, "train_loss": 0.8 - 0.1 * e, "val_per_patient_dice": 0.2 * e + 0.1 * index,
+                       "val_pooled_dice": 0.2 * e, "val_per_slice_mean_dice": 0.5, "lr": 0.003,
+                       "epoch_time_s": 1.5, "train_images_per_s": 10.0} for e in (1, 2)}
+        save_checkpoint(study_dir / "trials" / f"trial-t{index}" / "checkpoint_0", create_model(trial_config.model),
+                        trial_config, training_state={"epoch": 2, "history": history})
+        trials.append({"trial_id": f"t{index}", "params": params, "error": None})
+    (study_dir / "trials.json").write_text(json.dumps(trials))
+    return study_dir
+
+
+def test_a_hand_built_study_gets_its_tables_and_report(hand_built_study):
+    results = write_results(hand_built_study)
+    assert results["trial_id"].tolist() == ["t0", "t1"]
+    assert results["best_epoch"].tolist() == [2, 2] and results["train_time_s"].tolist() == [3.0, 3.0]
+    assert results["val_dice"].tolist() == pytest.approx([0.4, 0.5])
+    html_path = write_report(hand_built_study)
+    assert html_path == hand_built_study / "report.html"
+    images = check_report(hand_built_study)
+    assert {Path(source).name for source in images} >= {"learning_curves.png", "per_patient_dice.png",
+                                                         "overlay_best.png"}
+    markdown = (hand_built_study / "report.md").read_text()
+    # The best trial is chosen by validation (t1), and its overlays name its test patients.
+    assert "The best trial by validation is t1 (unet_attention" in markdown
+    per_patient = pd.read_csv(hand_built_study / "per_patient.csv", dtype={"trial_id": str})
+    best_patient = per_patient[per_patient["trial_id"] == "t1"].sort_values(["dice", "volume_id"]).iloc[-1]
+    assert f"Best: {best_patient['volume_id']}" in markdown
+    for heading in ("## Ablation results", "## Per-variant summary", "## Paired differences",
+                    "## The paper's Table 5 beside ours", "### Why these numbers cannot be compared"):
+        assert heading in markdown
+
+
+@pytest.mark.slow
+def test_the_report_of_a_tune_study_renders(tmp_path_factory, tmp_path):
+    study = ablation_study(tmp_path_factory)
+    write_report(study)
+    images = check_report(study)
+    assert len(images) >= 4
+    results = pd.read_csv(study / "results.csv", dtype={"trial_id": str})
+    markdown = (study / "report.md").read_text()
+    assert all(trial_id in markdown for trial_id in results["trial_id"])
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: the rendered page was not screenshotted")
+    screenshot = tmp_path / "report.png"
+    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={screenshot}",
+                    "--window-size=1280,4000", (study / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    with Image.open(screenshot) as image:
+        image.verify()
+        assert image.size == (1280, 4000)

@@ -1,0 +1,209 @@
+"""Ray Train training: settings checks, the schedule, learning on synthetic data, a worker killed
+mid-run, and resuming a run from its storage path."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from raysegm.config import load_config, replace
+from raysegm.train import HISTORY_COLUMNS, VAL_METRIC, build_trainer, check_settings, lr_factor, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def demo_config(storage: Path, name: str, **sections):
+    """configs/demo.yaml with its run folder under `storage` and any section overrides."""
+    config = load_config(DEMO)
+    return replace(config, run={"name": name, "storage_path": str(storage)}, **sections)
+
+
+def history_json(run_dir: Path) -> pd.DataFrame:
+    return pd.DataFrame(json.loads((run_dir / "history.json").read_text()), columns=list(HISTORY_COLUMNS))
+
+
+def read_history(run_dir: Path) -> pd.DataFrame:
+    """history.csv, checked against history.json."""
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history.columns) == list(HISTORY_COLUMNS)
+    pd.testing.assert_frame_equal(history_json(run_dir), history, check_dtype=False)
+    return history
+
+
+# ---------------------------------------------------------------------------------------------------
+# fast: no Ray
+
+
+@pytest.mark.parametrize(("section", "values", "message"), [
+    ("train", {"precision": "fp16"}, "fp16 needs CUDA"),
+    ("train", {"optimizer": "sgd"}, "train.optimizer must be one of"),
+    ("train", {"schedule": "step"}, "train.schedule must be one of"),
+    ("train", {"precision": "fp8"}, "train.precision must be one of"),
+    ("train", {"batch_size": 7}, "must split evenly across scale.num_workers 2"),
+])
+def test_settings_the_loop_cannot_honour_are_refused(tmp_path, section, values, message):
+    config = demo_config(tmp_path, "refused", **{section: values})
+    with pytest.raises(ValueError, match=message):
+        check_settings(config)
+    with pytest.raises(ValueError, match=message):
+        train(config)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    # warm-up 2 of 6 epochs: 1/3, 2/3, then 0.5 (1 + cos(pi k / 4)) for k = 0..3
+    factors = [lr_factor(e, "cosine", 2, 6) for e in range(6)]
+    expected = [1 / 3, 2 / 3, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]
+    assert factors == pytest.approx(expected)
+    assert [lr_factor(e, "none", 2, 6) for e in range(6)] == [1.0] * 6
+
+
+def test_a_folder_holding_a_run_needs_resume(tmp_path):
+    config = demo_config(tmp_path, "taken")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        build_trainer(config, manifest_path="unused.parquet", run_name="taken", storage_path=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(replace(config, run={"name": "never-started"}), resume=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# slow: real TorchTrainer fits on a shared local Ray
+
+
+def _alive_train_workers(ray) -> list[int]:
+    from ray.util.state import list_actors
+
+    # The address is explicit: other Ray instances may be running on this host.
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [actor.pid for actor in actors]
+
+
+def _latest_checkpoint_epoch(run_dir: Path) -> int:
+    from raysegm.checkpoint import load_training_state
+
+    epochs = [0]
+    for state_file in run_dir.glob("checkpoint_*/training_state.pt"):
+        try:
+            epochs.append(load_training_state(state_file.parent)["epoch"])
+        except (OSError, EOFError, RuntimeError, ValueError):
+            continue  # still being uploaded, or already deleted as no longer among the best
+    return max(epochs)
+
+
+@pytest.fixture(scope="module")
+def demo_run(ray_session, tmp_path_factory):
+    """configs/demo.yaml trained once, with a Train worker SIGKILLed once the epoch-2 checkpoint exists.
+
+    Returns {config, summary, run_dir, seconds, history_at_kill}.
+    """
+    config = demo_config(tmp_path_factory.mktemp("runs"), "demo")
+    run_dir = Path(config.run.storage_path) / "demo"
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["summary"] = train(config)
+        except Exception as error:  # handed to the test thread below
+            outcome["error"] = error
+
+    started = time.perf_counter()
+    driver = threading.Thread(target=fit)
+    driver.start()
+    deadline = time.time() + 600
+    while _latest_checkpoint_epoch(run_dir) < 2:
+        assert driver.is_alive() and time.time() < deadline, f"no epoch-2 checkpoint: {outcome}"
+        time.sleep(0.2)
+    history_at_kill = history_json(run_dir)  # the CSV may be one write behind at this instant
+    victims = _alive_train_workers(ray_session)
+    assert len(victims) == config.scale.num_workers
+    os.kill(victims[0], signal.SIGKILL)
+    driver.join(timeout=900)
+    assert not driver.is_alive(), "training did not finish after the worker was killed"
+    assert "error" not in outcome, outcome.get("error")
+    return {"config": config, "summary": outcome["summary"], "run_dir": run_dir,
+            "seconds": time.perf_counter() - started, "history_at_kill": history_at_kill}
+
+
+@pytest.mark.slow
+def test_demo_preset_learns_the_synthetic_tumors(demo_run, tmp_path):
+    from raysegm.checkpoint import load_training_state, save_checkpoint
+    from raysegm.config import from_dict
+    from raysegm.evaluate import evaluate_checkpoint
+    from raysegm.models import create_model
+
+    config, summary, run_dir = demo_run["config"], demo_run["summary"], demo_run["run_dir"]
+    history = read_history(run_dir)
+    assert history["train_loss"].iloc[-1] < 0.6 * history["train_loss"].iloc[0]
+    assert json.loads((run_dir / "result.json").read_text()) == summary
+    assert summary["best"][VAL_METRIC] == pytest.approx(history[VAL_METRIC].max())
+    state = load_training_state(summary["latest_checkpoint"])
+    assert state["epoch"] == config.train.epochs and sorted(state["history"]) == history["epoch"].tolist()
+
+    # The same model before training, scored on the same validation patients.
+    resolved = from_dict(json.loads((run_dir / "config.json").read_text()))
+    torch.manual_seed(config.train.seed)
+    save_checkpoint(tmp_path / "untrained", create_model(resolved.model), resolved)
+    before = evaluate_checkpoint(tmp_path / "untrained", split="val")["per_patient"]["dice"]["mean"]
+    after = evaluate_checkpoint(run_dir, split="val")  # the run folder: its best checkpoint
+    print(f"demo: val per-patient Dice {before:.3f} untrained -> {after['per_patient']['dice']['mean']:.3f} "
+          f"after {config.train.epochs} epochs; train() took {demo_run['seconds']:.0f} s")
+    assert after["per_patient"]["dice"]["mean"] > 0.7
+    assert after["per_patient"]["dice"]["mean"] > before + 0.3
+    # evaluate reproduces the training loop's own validation of the best epoch (64 px in, 64 px model)
+    assert after["per_patient"]["dice"]["mean"] == pytest.approx(summary["best"][VAL_METRIC], abs=1e-3)
+    assert after["pooled"]["dice"] == pytest.approx(summary["best"]["val_pooled_dice"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_last_checkpoint(demo_run):
+    config, summary = demo_run["config"], demo_run["summary"]
+    history = read_history(demo_run["run_dir"])
+    assert history["epoch"].tolist() == list(range(1, config.train.epochs + 1))
+    assert summary["epochs_completed"] == config.train.epochs
+    # One restart, from a checkpoint of epoch 2 or later: the epoch counter did not go back to 0 ...
+    assert len(summary["resumed_after"]) == 1
+    resumed = summary["resumed_after"][0]
+    assert 2 <= resumed < config.train.epochs
+    # ... the epochs up to that checkpoint were not trained again (their rows are those of before the
+    # kill; a later epoch whose checkpoint had not been registered yet is redone and replaced) ...
+    before_kill = demo_run["history_at_kill"].iloc[:resumed]
+    assert len(before_kill) >= 2
+    pd.testing.assert_frame_equal(history.iloc[:len(before_kill)], before_kill, check_dtype=False)
+    # ... and the model went on from its trained weights: the loss after the restart stays below epoch 1's.
+    assert history["train_loss"].iloc[resumed] < history["train_loss"].iloc[0]
+
+
+@pytest.mark.slow
+def test_a_finished_run_resumes_from_its_storage_path(demo_run, tmp_path):
+    """A copy of the demo run's folder, continued for one more epoch by a new trainer."""
+    config, run_dir = demo_run["config"], demo_run["run_dir"]
+    shutil.copytree(run_dir, tmp_path / "demo")
+    more = replace(demo_config(tmp_path, "demo"), train={"epochs": config.train.epochs + 1},
+                   data={"manifest": str(tmp_path / "demo" / "data" / "manifest.parquet")})
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(more)
+    resumed = train(more, resume=True)
+    history = read_history(tmp_path / "demo")
+    assert history["epoch"].tolist() == list(range(1, config.train.epochs + 2))
+    assert resumed["resumed_after"] == [*demo_run["summary"]["resumed_after"], config.train.epochs]
+    assert resumed["epochs_completed"] == config.train.epochs + 1
+    # the finished epochs came back from the checkpoint, they were not trained again ...
+    pd.testing.assert_frame_equal(history.iloc[:-1], read_history(run_dir))
+    # ... and the new epoch trained on from the restored weights and optimizer, not from scratch
+    assert history["train_loss"].iloc[-1] < 0.6 * history["train_loss"].iloc[0]
