@@ -2,10 +2,11 @@
 
 For N and 4N synthetic input slices (same model, same files), in one invocation:
 - ray: `raysegm.infer.infer` on a local Ray started here (ray.init(num_cpus=4, object_store_memory=1e9));
-- bare: one process doing the same work in a plain loop (discovery, read, preprocess, predict, resize,
+- bare: one separate process doing the same work in a plain loop (discovery, read, preprocess, predict, resize,
   threshold, PNG, one Parquet file per volume) with as many torch threads as the Ray job uses in total
   (replicas x torch_threads).
-Both timings include discovery, which reads every file once in both paths.
+Both timings include discovery, which reads every file once in both paths, and loading the model; the
+Ray time also includes starting its worker processes, the bare loop's excludes starting Python.
 
 Peak memory of the Ray job: the resident memory (RSS) of the driver plus every Ray worker process
 (the raylet's `ray::` children), summed, sampled every 0.2 s with psutil while the job runs, and the
@@ -18,6 +19,7 @@ mapped, so the sum overstates what the machine really holds; it is a bound to co
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shutil
 import tempfile
 import threading
@@ -76,8 +78,8 @@ class MemorySampler:
         self._thread.join()
 
 
-def bare_loop(checkpoint: Path, input_dir: Path, output: Path, batch_size: int, threads: int) -> int:
-    """The same work as the Ray path, in one process; returns the number of slices written."""
+def bare_loop(checkpoint: Path, input_dir: Path, output: Path, batch_size: int, threads: int) -> tuple[int, float]:
+    """The same work as the Ray path, in one process: (slices written, seconds)."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -87,6 +89,7 @@ def bare_loop(checkpoint: Path, input_dir: Path, output: Path, batch_size: int, 
     from raysegm.data.discover import discover
     from raysegm.infer import SCHEMA, SegmentationPredictor, part_name, read_slices
 
+    started = time.perf_counter()
     torch.set_num_threads(threads)
     predictor = SegmentationPredictor(checkpoint, InferSettings(), device="cpu")
     data = predictor.config.data.__dict__
@@ -101,7 +104,7 @@ def bare_loop(checkpoint: Path, input_dir: Path, output: Path, batch_size: int, 
         rows["error"] = rows["error"].where(rows["error"] != "", None)
         pq.write_table(pa.Table.from_pandas(rows, schema=SCHEMA, preserve_index=False), output / part_name(volume_id))
         written += len(rows)
-    return written
+    return written, time.perf_counter() - started
 
 
 def main() -> None:
@@ -137,9 +140,9 @@ def main() -> None:
             volumes = max(1, count // SLICES_PER_VOLUME)
             data = generate_dataset(work / f"data-{count}", patients=volumes, slices=count // volumes,
                                     size=args.size, seed=count)
-            started = time.perf_counter()
-            written = bare_loop(checkpoint, data, work / f"bare-{count}", args.batch_size, threads)
-            bare_s = time.perf_counter() - started
+            with multiprocessing.get_context("spawn").Pool(1) as pool:  # its memory stays out of the driver's
+                written, bare_s = pool.apply(bare_loop, (checkpoint, data, work / f"bare-{count}",
+                                                         args.batch_size, threads))
             with MemorySampler() as sampler:
                 summary = infer(checkpoint, data, work / f"ray-{count}", settings)
             assert summary["slices"] == written, (summary, written)

@@ -9,7 +9,9 @@ Bare loop: one process with as many torch threads as the Ray run uses in total
 (num_workers x torch_threads), the same model, loss, optimizer, global batch and oversampled, shuffled
 training rows; each batch is read and augmented inline by the very function Ray Data runs
 (raysegm.data.pipeline.load_slices), then one optimizer step. "compute only" repeats the steps on
-batches prepared beforehand, the ceiling for any data pipeline.
+batches prepared beforehand, the ceiling for any data pipeline, and once more on one thread: on a
+machine whose cores are oversubscribed, OpenMP threads waiting on each other can make several threads
+slower than one.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raysegm.config import ExperimentConfig, load_config, replace  # noqa: E402
 
 
-def ray_train_throughput(config: ExperimentConfig) -> tuple[float, float, Path]:
-    """(steady images/s, wall seconds of train()) and the run folder."""
+def ray_train_throughput(config: ExperimentConfig) -> tuple[float, float]:
+    """(steady images/s, wall seconds of train())."""
     import ray
 
     from raysegm.train import train
@@ -42,14 +44,14 @@ def ray_train_throughput(config: ExperimentConfig) -> tuple[float, float, Path]:
     summary = train(config)
     wall = time.perf_counter() - started
     ray.shutdown()
-    run_dir = Path(summary["run_dir"])
-    history = pd.read_csv(run_dir / "history.csv")
+    history = pd.read_csv(Path(summary["run_dir"]) / "history.csv")
     steady = history["train_images_per_s"].iloc[1:] if len(history) > 1 else history["train_images_per_s"]
-    return float(statistics.median(steady)), wall, run_dir
+    return float(statistics.median(steady)), wall
 
 
-def bare_throughput(config: ExperimentConfig, manifest_path: Path, epochs: int) -> tuple[float, float]:
-    """(images/s with inline data loading, images/s of the optimizer steps alone), medians over epochs."""
+def bare_throughput(config: ExperimentConfig, epochs: int) -> tuple[float, float, float]:
+    """Images/s, medians over epochs: with inline data loading, of the optimizer steps alone, and of the
+    steps alone on one thread (on an oversubscribed machine, several OpenMP threads can be slower)."""
     from raysegm.data.discover import load_manifest
     from raysegm.data.pipeline import READ_COLUMNS, load_slices, oversample_tumor
     from raysegm.losses import make_loss
@@ -63,7 +65,7 @@ def bare_throughput(config: ExperimentConfig, manifest_path: Path, epochs: int) 
     model = create_model(config.model, in_channels=config.data.in_channels).train()
     optimizer = OPTIMIZERS[t.optimizer](model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     loss_fn = make_loss(t.loss)
-    manifest = load_manifest(manifest_path)
+    manifest = load_manifest(config.data.manifest)
     rows = oversample_tumor(manifest[manifest["split"] == "train"].reset_index(drop=True),
                             config.data.tumor_oversample, t.seed)[READ_COLUMNS]
     rng = np.random.default_rng(t.seed)
@@ -88,7 +90,12 @@ def bare_throughput(config: ExperimentConfig, manifest_path: Path, epochs: int) 
         for images, masks in batches:
             step(images, masks)
         compute_only.append(len(order) / (time.perf_counter() - started))
-    return float(statistics.median(with_data)), float(statistics.median(compute_only))
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    for images, masks in batches:
+        step(images, masks)
+    one_thread = len(order) / (time.perf_counter() - started)
+    return float(statistics.median(with_data)), float(statistics.median(compute_only)), one_thread
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,19 +104,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)
+    from raysegm.data.discover import manifest_for
+
     with tempfile.TemporaryDirectory(prefix="bench-train-") as storage:
         config = replace(load_config(args.config, args.overrides), train={"epochs": args.epochs},
                          run={"name": "bench", "storage_path": storage})
+        manifest_for(config.data, Path(storage) / "data")  # both paths train on this one manifest
+        config = replace(config, data={"manifest": str(Path(storage) / "data" / "manifest.parquet")})
         s = config.scale
         print(f"{config.model.variant} at {config.data.size} px, global batch {config.train.batch_size}, "
               f"{args.epochs} epochs; Ray: {s.num_workers} workers x {s.torch_threads} torch threads at "
               f"{s.cpus_per_worker} CPU; bare loop: {s.num_workers * s.torch_threads} threads; "
               f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
-        ray_rate, ray_wall, run_dir = ray_train_throughput(config)
-        bare_rate, compute_rate = bare_throughput(config, run_dir / "data" / "manifest.parquet", args.epochs)
+        # The bare loop first: a Ray instance winding down would compete for the cores.
+        bare_rate, compute_rate, one_thread_rate = bare_throughput(config, args.epochs)
+        ray_rate, ray_wall = ray_train_throughput(config)
     print(f"Ray Train        {ray_rate:8.1f} images/s  (train() wall {ray_wall:.0f} s incl. start-up and validation)")
     print(f"bare PyTorch     {bare_rate:8.1f} images/s  (data read and augmented inline)")
     print(f"compute only     {compute_rate:8.1f} images/s  (optimizer steps on prepared batches)")
+    print(f"  on 1 thread    {one_thread_rate:8.1f} images/s")
     print(f"ratio Ray / bare {ray_rate / bare_rate:8.2f}    Ray / compute only {ray_rate / compute_rate:.2f}")
     return 0
 

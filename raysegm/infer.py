@@ -15,7 +15,11 @@ over the whole volume while the job still streams. The plan:
                                           resized back to each slice's own size, P = prob > threshold,
                                           encoded as an 8-bit PNG (255 tumor)
     -> driver                             iter_batches in input order (preserve_order); when a volume's
-                                          last slice arrives: optional LCC, then commit
+                                          last slice arrives: optional LCC, commit, one progress line
+
+The job's object-store budget (`object_store_budget`) is what keeps memory flat as archives grow: without
+it the reads run ahead of the model and Ray Data buffers preprocessed slices up to its default limit
+(a large share of the object store). With it and preserve_order, the driver holds the volumes in flight.
 
 Commit (exactly once per volume): the volume's rows are written to `.tmp-<uuid>-part-...` and renamed to
 `part-<volume_id>-<sha1(volume_id)[:8]>.parquet`, one file per volume (volumes hold tens to hundreds of
@@ -166,10 +170,13 @@ class SegmentationPredictor:
         self.settings = settings if isinstance(settings, InferSettings) else InferSettings(**settings)
         if self.settings.precision not in PRECISIONS:
             raise ValueError(f"infer.precision: unknown {self.settings.precision!r} (expected {PRECISIONS})")
-        directory = Path(checkpoint) if isinstance(checkpoint, (str, Path)) else _materialize_checkpoint(checkpoint)
+        shipped = not isinstance(checkpoint, (str, Path))
+        directory = _materialize_checkpoint(checkpoint) if shipped else Path(checkpoint)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.config = load_model(directory, device=self.device)
         self.model_id = model_id(directory)
+        if shipped:
+            shutil.rmtree(directory, ignore_errors=True)
         self.autocast_dtype = None
         if self.device.type == "cuda" and self.settings.precision == "auto":
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -340,9 +347,9 @@ class OutputFolder:
                     f"({metadata['checkpoint']}); write into another folder"
                 )
             for key in MASK_OUTPUTS:
-                if existing["settings"].get(key) != metadata["settings"][key]:
+                if existing.get("settings", {}).get(key) != metadata["settings"][key]:
                     raise ValueError(
-                        f"{self.location}: its masks were made with {key}={existing['settings'].get(key)!r}, "
+                        f"{self.location}: its masks were made with {key}={existing.get('settings', {}).get(key)!r}, "
                         f"this run asks for {key}={metadata['settings'][key]!r}; write into another folder"
                     )
         else:
@@ -520,6 +527,15 @@ def _check_settings(settings: InferSettings) -> None:
         raise ValueError(f"infer.threshold: {settings.threshold} outside [0, 1)")
 
 
+def object_store_budget(settings: InferSettings, data: DataSettings) -> int:
+    """Bytes of object store one job may fill: settings.object_store_mb, or 8 preprocessed batches per
+    replica and at least 32 MiB, enough to keep every replica fed while the reads wait."""
+    if settings.object_store_mb > 0:
+        return settings.object_store_mb * 2**20
+    batch_bytes = settings.batch_size * data.in_channels * data.size * data.size * 4
+    return max(32 * 2**20, 8 * settings.replicas * batch_bytes)
+
+
 def _dataset(slices: pd.DataFrame, files: dict, data: DataSettings, settings: InferSettings, pin_reads: bool):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -531,6 +547,9 @@ def _dataset(slices: pd.DataFrame, files: dict, data: DataSettings, settings: In
     dataset = ray.data.from_pandas(chunks)
     # volumes come out in input order, so the driver holds at most the volumes in flight
     dataset.context.execution_options.preserve_order = True
+    # without a budget the reads run ahead of the model and the object store fills with the whole archive
+    dataset.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+        object_store_memory=object_store_budget(settings, data))
     dataset.context.enable_progress_bars = sys.stderr.isatty()
     read_args = {}
     if pin_reads:

@@ -123,6 +123,7 @@ def test_unknown_format_is_an_error(output, tmp_path):
         export(output[0], to="jpeg", out=tmp_path)
 
 
+@pytest.mark.slow
 def test_nifti_source_through_inference_keeps_its_affine(ray_session, tmp_path):
     """A FLAIR-only int16 NIfTI case segmented by a (tiny, untrained) model, exported back to NIfTI."""
     rng = np.random.default_rng(0)

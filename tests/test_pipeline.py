@@ -11,7 +11,7 @@ import pytest
 from raysegm.config import DataSettings
 from raysegm.data.discover import prepare
 from raysegm.data.io import read_image, read_mask
-from raysegm.data.pipeline import build_dataset, oversample_tumor
+from raysegm.data.pipeline import build_dataset, load_slice, oversample_tumor
 from raysegm.data.preprocess import (
     augment,
     build_augmenter,
@@ -207,6 +207,31 @@ def test_train_split_without_augmentation_is_the_plain_preprocessing(ray_session
         np.testing.assert_array_equal(out["image"][i], preprocess_image(read_image(record), data, record))
 
 
+def test_load_slice_on_an_int16_nifti_volume_uses_its_statistics(tmp_path):
+    import nibabel as nib
+
+    volume = np.random.default_rng(0).integers(-500, 4000, size=(40, 30, 6, 3)).astype(np.int16)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "case.nii.gz")
+    mask = np.zeros((40, 30, 6), np.uint8)
+    mask[10:20, 5:15, 2] = 1
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "case_mask.nii.gz")
+    manifest, _ = prepare(tmp_path, tmp_path / "out" / "manifest.parquet")
+    record = manifest[manifest["slice_index"] == 2].iloc[0].to_dict()
+    for normalize in ("scale", "volume_zscore"):
+        data = DataSettings(size=32, normalize=normalize)
+        image, mask_out = load_slice(record, data)
+        np.testing.assert_array_equal(image, preprocess_image(read_image(record), data, record))
+        assert image.shape == (3, 32, 32) and mask_out.shape == (1, 32, 32)
+        assert mask_out.sum() > 0
+    pixels = volume.reshape(-1, 3).astype(float)
+    np.testing.assert_allclose(record["norm_low"], np.percentile(pixels, 0.5, axis=0))
+    np.testing.assert_allclose(record["norm_high"], np.percentile(pixels, 99.5, axis=0))
+    scaled, _ = load_slice(record, DataSettings(size=40, normalize="scale"))
+    assert scaled.min() >= 0.0 and scaled.max() <= 1.0
+    # uniform int16 values over [-500, 4000): min-max scaling leaves a mean near one half
+    assert abs(scaled.mean() - 0.5) < 0.05
+
+
 def test_bad_splits_are_errors(synth_manifest):
     with pytest.raises(ValueError, match="no slices"):
         build_dataset(synth_manifest, "holdout", DataSettings(size=64), augment=False)
@@ -215,3 +240,6 @@ def test_bad_splits_are_errors(synth_manifest):
     split = unlabeled["split"].iloc[0]
     with pytest.raises(ValueError, match="unlabeled"):
         build_dataset(unlabeled, split, DataSettings(size=64), augment=False)
+    with pytest.raises(ValueError, match="clip_percentiles"):
+        build_dataset(synth_manifest, "train", DataSettings(normalize="volume_zscore", clip_percentiles=(1.0, 99.0)),
+                      augment=False)

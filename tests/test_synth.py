@@ -114,7 +114,7 @@ def test_best_threshold_dice_is_hand_checked():
 
 @pytest.mark.slow
 def test_a_small_cnn_learns_it_at_64px(synth_dir):
-    """A three-level conv net reaches a pooled Dice above 0.6 on held-out patients in a few epochs."""
+    """A three-level conv net (8 filters) reaches a pooled Dice above 0.6 on held-out patients in 9 epochs."""
     import torch
     from torch import nn
 
@@ -131,7 +131,7 @@ def test_a_small_cnn_learns_it_at_64px(synth_dir):
                              nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
 
     class TinyUNet(nn.Module):
-        def __init__(self, w=16):
+        def __init__(self, w=8):
             super().__init__()
             self.e1, self.e2, self.e3 = block(3, w), block(w, 2 * w), block(2 * w, 4 * w)
             self.u2, self.d2 = nn.ConvTranspose2d(4 * w, 2 * w, 2, 2), block(4 * w, 2 * w)
@@ -146,9 +146,9 @@ def test_a_small_cnn_learns_it_at_64px(synth_dir):
             return self.head(self.d1(torch.cat([self.u1(d), a], 1)))
 
     model = TinyUNet()
-    optimizer = torch.optim.Adam(model.parameters(), 2e-3)
+    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
     train_x, train_y = inputs[~held_out], targets[~held_out]
-    for _ in range(12):
+    for _ in range(9):
         model.train()
         for batch in torch.randperm(len(train_x)).split(8):
             logits = model(train_x[batch])

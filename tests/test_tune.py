@@ -3,6 +3,7 @@ driver is killed mid-run and resumed."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -41,6 +42,29 @@ def tiny_config(storage: Path, name: str, *overrides: str):
     return load_config(None, [*TINY, f"run.storage_path={storage}", f"run.name={name}", *overrides])
 
 
+@contextlib.contextmanager
+def private_cluster():
+    """A LocalRayCluster with 4 logical CPUs, shut down by PID even when its start fails.
+
+    One more try when `ray start` times out: on a loaded shared host the raylet can miss its deadline.
+    """
+    from raycluster import LocalRayCluster
+
+    for attempt in range(2):
+        cluster = LocalRayCluster(head_cpus=4)
+        try:
+            cluster.start()
+            break
+        except RuntimeError:
+            cluster.shutdown()
+            if attempt:
+                raise
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
 def driver_command(entry: list[str], *overrides: str) -> list[str]:
     return [sys.executable, *entry, *[f"--set={item}" for item in [*TINY, *overrides]]]
 
@@ -49,8 +73,6 @@ def ablation_study(tmp_path_factory) -> Path:
     """One small study per test session, made once (test_report.py reuses it): unet and
     unet_resnet50[resnet18] x batch 4 x bce/dice, 2 epochs, ASHA with a grace of 1 epoch, submitted
     through jobs/ablate.py to a private Ray cluster (4 logical CPUs)."""
-    from raycluster import LocalRayCluster
-
     storage = tmp_path_factory.getbasetemp() / "shared-studies"
     study_dir = storage / "asha"
     if (study_dir / "results.json").is_file():
@@ -58,7 +80,7 @@ def ablation_study(tmp_path_factory) -> Path:
     storage.mkdir(exist_ok=True)
     command = driver_command(["jobs/ablate.py"], "tune.variants=[unet, unet_resnet50]", "tune.asha=true",
                              "tune.asha_grace_epochs=1", f"run.storage_path={storage}", "run.name=asha")
-    with LocalRayCluster(head_cpus=4) as cluster, open(storage / "asha.log", "w") as log:
+    with private_cluster() as cluster, open(storage / "asha.log", "w") as log:
         driver = subprocess.run(command, env=cluster.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 timeout=1500)
     assert driver.returncode == 0, (storage / "asha.log").read_text()[-5000:]
@@ -297,12 +319,10 @@ def _checkpoint_stamps(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_a_killed_study_driver_resumes_without_repeating_finished_trials(tmp_path):
-    from raycluster import LocalRayCluster
-
     command = driver_command(["-m", "raysegm", "tune"], "tune.variants=[unet]", f"run.storage_path={tmp_path}",
                              "run.name=killed")
     study_dir = tmp_path / "killed"
-    with LocalRayCluster(head_cpus=4) as cluster:
+    with private_cluster() as cluster:
         with open(tmp_path / "first.log", "w") as log:
             driver = subprocess.Popen(command, env=cluster.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             try:

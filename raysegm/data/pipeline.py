@@ -1,7 +1,8 @@
 """The Ray Data pipeline: manifest rows in, model-ready slices out, streamed.
 
     manifest rows of one split (paths only; small)
-      -> train: tumor oversampling, then random_shuffle (a new order each epoch, from the seed)
+      -> train: tumor oversampling, random_shuffle (a new order each epoch, from the seed), blocks
+         of ROWS_PER_BLOCK rows
       -> map_batches(num_cpus=data.read_cpus, at most data.read_tasks at once):
          read + resize + [augment] + scale, in Ray tasks
       -> rows: image float32 (C, S, S), mask float32 (1, S, S), volume_id str, slice_index int32
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from raysegm.config import DataSettings
+from raysegm.data.discover import STATS_PERCENTILES
 from raysegm.data.io import DataError, read_image, read_mask
 from raysegm.data.preprocess import augment as augment_pair
 from raysegm.data.preprocess import build_augmenter, preprocess_mask, resize_image, scale_image
@@ -97,8 +99,8 @@ def tensor_collate():
 
     class TensorCollate(NumpyBatchCollateFn):
         def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-            return {key: torch.from_numpy(np.ascontiguousarray(batch[key]))
-                    for key in ("image", "mask", "slice_index")}
+            # a copy: Ray hands out read-only views of the object store, which torch cannot own
+            return {key: torch.from_numpy(np.array(batch[key])) for key in ("image", "mask", "slice_index")}
 
     return TensorCollate()
 
@@ -108,7 +110,8 @@ def build_dataset(manifest: pd.DataFrame, split: str, data: DataSettings, *, aug
 
     Rows: image float32 (C, S, S), mask float32 (1, S, S), volume_id str, slice_index int32, with
     S = data.size and C = data.in_channels. `augment` applies to the "train" split only; callers pass
-    data.augment. Raises ValueError for an empty split or a split holding unlabeled slices.
+    data.augment. Raises ValueError for an empty split, a split holding unlabeled slices, or
+    data.clip_percentiles other than the manifest statistics' where those statistics are used.
     """
     import ray.data
 
@@ -121,15 +124,24 @@ def build_dataset(manifest: pd.DataFrame, split: str, data: DataSettings, *, aug
     if len(unlabeled):
         raise ValueError(f"split {split!r} has {len(unlabeled)} unlabeled slices (first: "
                          f"{unlabeled['image_path'].iloc[0]}); training and validation need masks")
+    uses_stats = data.normalize == "volume_zscore" or (rows["source_format"] == "nifti").any()
+    if uses_stats and tuple(data.clip_percentiles) != STATS_PERCENTILES:
+        raise ValueError(f"data.clip_percentiles {tuple(data.clip_percentiles)}: the manifest's volume "
+                         f"statistics are at the {STATS_PERCENTILES} percentiles")
     rows = rows.reset_index(drop=True)
     training = split == "train"
     if training:
         rows = oversample_tumor(rows, data.tumor_oversample, seed)
     rows = rows[READ_COLUMNS]
-    blocks = [rows.iloc[start:start + ROWS_PER_BLOCK] for start in range(0, len(rows), ROWS_PER_BLOCK)]
-    dataset = ray.data.from_pandas(blocks)
     if training:
-        dataset = dataset.random_shuffle(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+        # The manifest rows are one small block: shuffling it is one cheap task per epoch, where a
+        # shuffle of many blocks costs two tasks per block; the streaming repartition then cuts it up.
+        shuffle_seed = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
+        dataset = (ray.data.from_pandas(rows).random_shuffle(seed=shuffle_seed)
+                   .repartition(target_num_rows_per_block=ROWS_PER_BLOCK))
+    else:
+        blocks = [rows.iloc[start:start + ROWS_PER_BLOCK] for start in range(0, len(rows), ROWS_PER_BLOCK)]
+        dataset = ray.data.from_pandas(blocks)
     dataset = dataset.map_batches(
         load_slices,
         batch_format="pandas",
