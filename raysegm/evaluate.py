@@ -41,13 +41,15 @@ def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "
 
     checkpoint = _checkpoint_dir(Path(checkpoint))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, config = load_model(checkpoint, device=device)
-    model.eval()
+    model, config = load_model(checkpoint, device=device)  # in eval mode
     with tempfile.TemporaryDirectory() as scratch:
         slices, manifest_source = _split_slices(config, manifest, data_dir, split, Path(out or scratch))
     labeled = slices[~slices["mask_path"].map(is_missing)]
     if labeled.empty:
         raise ValueError(f"{manifest_source}: split {split!r} has no labeled slices to score")
+    if len(labeled) < len(slices):
+        print(f"{manifest_source}: {len(slices) - len(labeled)} unlabeled slices of split {split!r} "
+              "have no mask to score against and are left out")
 
     meter = SegmentationMeter(keep_masks=True)
     for volume_id, volume in labeled.groupby("volume_id", sort=True):

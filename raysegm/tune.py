@@ -178,8 +178,8 @@ def run_study(config: ExperimentConfig, resume: bool = False) -> Path:
         config = replace(config, data={"manifest": _resolve_manifest(config, study_dir)},
                          run={"storage_path": str(study_dir.parent)})
         save_json(config, study_dir / "config.json")
-    print(f"study {study_dir}: {len(grid)} trials ({' x '.join(f'{len(v)} {k}' for k, v in grid_axes(config).items())})"
-          f"{', resumed' if resume else ''}", flush=True)
+    axes = " x ".join(f"{len(values)} {key}" for key, values in grid_axes(config).items())
+    print(f"study {study_dir}: {len(grid)} trials ({axes}){', resumed' if resume else ''}", flush=True)
     tuner = _tuner(config, study_dir, callbacks, restore=resume and _can_restore(tune_dir))
     result_grid = tuner.fit()
     _write_json(study_dir / "trials.json", _trial_records(result_grid))
@@ -187,7 +187,8 @@ def run_study(config: ExperimentConfig, resume: bool = False) -> Path:
     print((study_dir / "results.md").read_text(), flush=True)
     errors = results[results["status"] == "error"]
     if len(errors) == len(results):
-        raise RuntimeError(f"every trial of {study_dir} failed; see trials.json")
+        raise RuntimeError(f"every trial of {study_dir} failed (see trials.json); the first: "
+                           f"{errors['error'].iloc[0]}")
     if len(errors):
         print(f"{len(errors)} of {len(results)} trials failed: {', '.join(errors['trial_id'])} (see trials.json)",
               flush=True)
@@ -232,10 +233,30 @@ def _ensure_ray(scale) -> None:
         if scale.ray_address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=scale.ray_address or None)
         else:
-            # The dashboard stays on: without it a trial that ASHA stops leaks its placement group.
-            ray.init(num_cpus=scale.local_num_cpus, include_dashboard=True)
+            _start_local_ray(scale.local_num_cpus)
     if not sys.stdout.isatty():
         DataContext.get_current().enable_progress_bars = False
+
+
+def _start_local_ray(num_cpus: int) -> None:
+    """A local Ray with its dashboard on, which Ray Train needs to free the placement group of a trial
+    that Tune stops.
+
+    The cleaner that frees it reaches the dashboard through RAY_API_SERVER_ADDRESS where more than one
+    Ray runs on the host; the nodes started here, and so every worker, inherit the variable.
+    """
+    import socket
+
+    import ray
+
+    if os.environ.get("RAY_API_SERVER_ADDRESS"):
+        ray.init(num_cpus=num_cpus, include_dashboard=True)
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port)
 
 
 def _warn_if_data_cannot_run(config: ExperimentConfig) -> None:
@@ -653,7 +674,8 @@ def paired_markdown(paired: pd.DataFrame) -> str:
             "the trial with the same batch size and loss that lacks the named component; mean with a "
             "paired bootstrap 95% CI. \"better\"/\"worse\" only when the interval excludes 0.\n\n")
     if paired.empty:
-        return head + "No pairs: the study has no variant whose components are a subset of another's.\n"
+        return head + ("No pairs: no two variants of the study differ only by the ResNet encoder or "
+                       "attention (with the same batch size and loss).\n")
     header = ["effect", "trial", "reference", "batch", "loss", "patients", "Dice difference [95% CI]", "verdict"]
     rows = [[row["effect"], f"{row['trial_id']} ({row['variant']})",
              f"{row['reference_trial']} ({row['reference_variant']})", row["batch_size"], row["loss"],

@@ -13,6 +13,15 @@ from raysegm.config import ModelSettings
 from raysegm.models import DualAttention, create_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on busy shared cores two threads stall each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -33,6 +34,15 @@ CONFIG = replace(
            "encoder_weights": "/nowhere/resnet18.safetensors"},
 )
 TINY = replace(ExperimentConfig(), data={"size": 32}, model={"variant": "unet", "unet_width": 4, "unet_depth": 2})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on busy shared cores two threads stall each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def trained_model(config: ExperimentConfig = CONFIG) -> torch.nn.Module:
@@ -97,7 +107,7 @@ def test_round_trip_in_a_fresh_process_gives_identical_outputs(saved, tmp_path):
             logits = model(load_file({str(tmp_path / "images.safetensors")!r})["images"])
         save_file({{"logits": logits}}, {str(tmp_path / "logits.safetensors")!r})
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     reloaded = load_file(str(tmp_path / "logits.safetensors"))["logits"]
     assert torch.allclose(reloaded, expected, atol=1e-5)
 

@@ -26,9 +26,28 @@ pytestmark = pytest.mark.slow
 SMALL_DATA = ["--set", "data.size=64", "--set", "data.synthetic_patients=6", "--set", "data.synthetic_slices=8"]
 
 
+class SeparateDisksCluster(LocalRayCluster):
+    """A LocalRayCluster whose added nodes keep their session files under their own temp dir.
+
+    Nodes started on one host otherwise share the head's session folder, and a node that first sets up
+    a job's working_dir deletes and unpacks it again in place: the folder that is the current directory
+    of the job's driver on the head, whose next os.getcwd() then fails. Machines of a real cluster
+    never share that folder; with this, neither do these nodes.
+    """
+
+    def add_node(self, name: str, *args, **kwargs) -> None:
+        self._adding = name
+        super().add_node(name, *args, **kwargs)
+
+    def _run(self, args: list[str]) -> None:
+        if args[1] == "start" and "--head" not in args:
+            args = [*args, f"--temp-dir={self.temp_dir / self._adding}"]
+        super()._run(args)
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    ray_cluster = LocalRayCluster(head_cpus=2, memory_gb=6, object_store_gb=0.5)
+    ray_cluster = SeparateDisksCluster(head_cpus=2, memory_gb=6, object_store_gb=0.5)
     try:  # not `with`: a head that fails to start must be cleaned up too
         ray_cluster.start()
         ray_cluster.add_node("node2", num_cpus=2, resources={"node2": 1})

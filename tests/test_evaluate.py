@@ -135,6 +135,19 @@ def test_data_dir_is_split_with_the_checkpoints_own_settings(synth_dir, all_test
     assert summary["n_slices"] == int((expected["split"] == "val").sum())
 
 
+def test_unlabeled_slices_are_counted_not_scored(all_test_manifest, tmp_path, capsys):
+    table = pq.read_table(all_test_manifest)
+    masks = table.column("mask_path").to_pylist()
+    masks[0] = None
+    path = tmp_path / "one-unlabeled.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("mask_path"), "mask_path", pa.array(masks)), path)
+    checkpoint = make_checkpoint(tmp_path / "ckpt", path, head_bias=10.0)
+    summary = evaluate_checkpoint(checkpoint, split="test")
+    assert summary["unlabeled_slices"] == 1
+    assert summary["n_slices"] == len(masks) - 1
+    assert "1 unlabeled slices of split 'test'" in capsys.readouterr().out
+
+
 def test_bad_requests_are_clear_errors(all_test_manifest, tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ckpt", all_test_manifest, head_bias=10.0)
     with pytest.raises(ValueError, match="no slices in split 'val'"):

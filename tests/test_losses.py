@@ -13,6 +13,15 @@ from raysegm.losses import make_loss
 LOGIT = 20.0  # sigmoid(20) = 1 - 2e-9: "certain" for hand arithmetic
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on busy shared cores two threads stall each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_bce_by_hand():
     logits = torch.tensor([2.0, -1.0, 0.0, 3.0]).reshape(1, 1, 2, 2)
     target = torch.tensor([1.0, 0.0, 1.0, 0.0]).reshape(1, 1, 2, 2)

@@ -17,6 +17,17 @@ from raysegm.metrics import SegmentationMeter
 from raysegm.models import REGISTRY, count_parameters, create_model, model_name
 
 SMALL = ModelSettings(encoder="resnet18", unet_width=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on busy shared cores two threads stall each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 VARIANT_CASES = [pytest.param(variant, SMALL, id=variant) for variant in REGISTRY] + [
     pytest.param("unet_resnet50", dataclasses.replace(SMALL, encoder="resnet34"), id="resnet34"),
     pytest.param("unet_resnet50_attention", dataclasses.replace(SMALL, encoder="resnet34", attention_mode="sequential"),
