@@ -10,8 +10,9 @@ Ray time also includes starting its worker processes, the bare loop's excludes s
 
 Peak memory of the Ray job: the resident memory (RSS) of the driver plus every Ray worker process
 (the raylet's `ray::` children), summed, sampled every 0.2 s with psutil while the job runs, and the
-object store's bytes in use from the raylet's memory report. RSS counts object-store pages a worker has
-mapped, so the sum overstates what the machine really holds; it is a bound to compare across N.
+object store's bytes in use from the raylet's memory report, less what it held before the job (it
+includes the checkpoint shipped to the replicas). RSS counts object-store pages a worker has mapped, so
+the sum overstates what the machine really holds; it is a bound to compare across N.
 
     python benchmarks/bench_infer.py --slices 200 --size 128
 """
@@ -19,6 +20,7 @@ mapped, so the sum overstates what the machine really holds; it is a bound to co
 from __future__ import annotations
 
 import argparse
+import gc
 import multiprocessing
 import shutil
 import tempfile
@@ -70,6 +72,7 @@ class MemorySampler:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> MemorySampler:
+        self.store_before = self._store_bytes()
         self._thread.start()
         return self
 
@@ -143,13 +146,15 @@ def main() -> None:
             with multiprocessing.get_context("spawn").Pool(1) as pool:  # its memory stays out of the driver's
                 written, bare_s = pool.apply(bare_loop, (checkpoint, data, work / f"bare-{count}",
                                                          args.batch_size, threads))
+            gc.collect()  # the previous run's objects (its shipped checkpoint) leave the store
+            time.sleep(2)
             with MemorySampler() as sampler:
                 summary = infer(checkpoint, data, work / f"ray-{count}", settings)
             assert summary["slices"] == written, (summary, written)
             results[count] = {
                 "slices": written, "bare_s": bare_s, "ray_s": summary["wall_s"],
                 "bare_rate": written / bare_s, "ray_rate": written / summary["wall_s"],
-                "peak_rss": sampler.peak_rss, "peak_store": sampler.peak_store,
+                "peak_rss": sampler.peak_rss, "peak_store": sampler.peak_store - sampler.store_before,
             }
         ray.shutdown()
     finally:

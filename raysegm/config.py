@@ -118,6 +118,7 @@ class InferSettings:
     threshold: float = 0.5  # tumor where probability > threshold (the metric contract)
     precision: str = "auto"  # auto: bf16 (fp16 where unsupported) autocast on CUDA, fp32 on CPU; or fp32
     read_cpus: float = 0.25  # CPUs per Ray Data read+decode+preprocess task
+    read_tasks: int = 2  # most read tasks at once (each a worker process that imports the stack); 0: Ray decides
     local_num_cpus: int = 4  # logical CPUs for a local ray.init (above the 2 physical, see ray-notes.md)
     object_store_mb: int = 0  # object-store budget of the job (reads wait beyond it); 0: 8 batches per replica, >= 32
 

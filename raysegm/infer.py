@@ -6,7 +6,8 @@ over the whole volume while the job still streams. The plan:
 
     discover(input)                       driver: every file validated once; rejects become error rows
     -> ray.data.from_pandas(slice rows)   blocks of `batch_size` slices, ordered by volume, then slice
-    -> read_slices                        Ray tasks (num_cpus = read_cpus): read, decode, preprocess
+    -> read_slices                        Ray tasks (num_cpus = read_cpus, at most read_tasks at once):
+                                          read, decode, preprocess
                                           exactly as training did; an unreadable slice becomes an
                                           error row here and the job goes on
     -> SegmentationPredictor              map_batches on an actor pool (one model replica per actor,
@@ -521,8 +522,8 @@ def _check_settings(settings: InferSettings) -> None:
         raise ValueError(f"infer.postprocess: unknown {settings.postprocess!r} (expected one of {POSTPROCESS})")
     if settings.precision not in PRECISIONS:
         raise ValueError(f"infer.precision: unknown {settings.precision!r} (expected one of {PRECISIONS})")
-    if settings.batch_size < 1 or settings.replicas < 1:
-        raise ValueError("infer.batch_size and infer.replicas must be at least 1")
+    if settings.batch_size < 1 or settings.replicas < 1 or settings.read_tasks < 0:
+        raise ValueError("infer.batch_size and infer.replicas must be at least 1, infer.read_tasks at least 0")
     if not 0.0 <= settings.threshold < 1.0:
         raise ValueError(f"infer.threshold: {settings.threshold} outside [0, 1)")
 
@@ -558,6 +559,7 @@ def _dataset(slices: pd.DataFrame, files: dict, data: DataSettings, settings: In
     return (
         dataset
         .map_batches(read_slices, fn_kwargs={"data": to_dict(data)}, batch_size=None, batch_format="pandas",
+                     compute=ray.data.TaskPoolStrategy(size=settings.read_tasks or None),
                      num_cpus=settings.read_cpus, **read_args)
         .map_batches(SegmentationPredictor, batch_size=settings.batch_size, batch_format="numpy",
                      fn_constructor_kwargs={"checkpoint": files, "settings": dataclasses.asdict(settings),

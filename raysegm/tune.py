@@ -229,34 +229,37 @@ def _ensure_ray(scale) -> None:
     import ray
     from ray.data import DataContext
 
+    quiet = not sys.stdout.isatty()
     if not ray.is_initialized():
         if scale.ray_address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=scale.ray_address or None)
         else:
-            _start_local_ray(scale.local_num_cpus)
-    if not sys.stdout.isatty():
+            _start_local_ray(scale.local_num_cpus, quiet)
+    if quiet:
         DataContext.get_current().enable_progress_bars = False
 
 
-def _start_local_ray(num_cpus: int) -> None:
+def _start_local_ray(num_cpus: int, quiet: bool) -> None:
     """A local Ray with its dashboard on, which Ray Train needs to free the placement group of a trial
     that Tune stops.
 
     The cleaner that frees it reaches the dashboard through RAY_API_SERVER_ADDRESS where more than one
-    Ray runs on the host; the nodes started here, and so every worker, inherit the variable.
+    Ray runs on the host; the nodes started here, and so every worker, inherit the variable. `quiet`
+    turns Ray Data's progress bars off in the workers too (bars from many processes garble a log file).
     """
     import socket
 
     import ray
 
-    if os.environ.get("RAY_API_SERVER_ADDRESS"):
-        ray.init(num_cpus=num_cpus, include_dashboard=True)
-        return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port)
+    options = {"num_cpus": num_cpus, "include_dashboard": True}
+    if quiet:
+        options["runtime_env"] = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+    if not os.environ.get("RAY_API_SERVER_ADDRESS"):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            options["dashboard_port"] = probe.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{options['dashboard_port']}"
+    ray.init(**options)
 
 
 def _warn_if_data_cannot_run(config: ExperimentConfig) -> None:
