@@ -51,6 +51,9 @@ TRIALS_DIR = "trials"
 EVALUATION_DIR = "evaluation"
 LAUNCHES = "launches.jsonl"
 MAIN_AXES = ("model.variant", "train.batch_size", "train.loss")
+# Below this many test patients a percentile bootstrap has too few distinct resamples to bound a mean
+# difference, so a pair gets no verdict.
+MIN_PATIENTS_FOR_VERDICT = 5
 # What each registry variant adds to the classic U-Net: a paired difference isolates the components
 # one variant has and another lacks.
 COMPONENTS = {
@@ -574,7 +577,7 @@ def paired_differences(results: pd.DataFrame, per_patient: pd.DataFrame, extra_k
                 "variant": trial["variant"], "reference_trial": reference["trial_id"],
                 "reference_variant": reference["variant"], **{k: trial[k] for k in shared}, "patients": len(a),
                 "dice_diff_mean": diff["mean"], "dice_diff_ci_low": diff["ci_low"],
-                "dice_diff_ci_high": diff["ci_high"], "verdict": _verdict(diff),
+                "dice_diff_ci_high": diff["ci_high"], "verdict": _verdict(diff, len(a)),
             })
     return pd.DataFrame(rows, columns=columns)
 
@@ -584,7 +587,9 @@ def _patient_dice(per_patient: pd.DataFrame, trial_id: str) -> dict[str, float]:
     return dict(zip(rows["volume_id"].astype(str), rows["dice"].astype(float)))
 
 
-def _verdict(diff: dict) -> str:
+def _verdict(diff: dict, patients: int) -> str:
+    if patients < MIN_PATIENTS_FOR_VERDICT:
+        return f"too few patients (< {MIN_PATIENTS_FOR_VERDICT})"
     if diff["ci_low"] > 0:
         return "better"
     if diff["ci_high"] < 0:
@@ -675,7 +680,8 @@ def paired_markdown(paired: pd.DataFrame) -> str:
     """paired.md: does the ResNet encoder help, does attention help (per-patient Dice differences)."""
     head = ("# Paired differences on the same test patients\n\nPer-patient Dice of a trial minus that of "
             "the trial with the same batch size and loss that lacks the named component; mean with a "
-            "paired bootstrap 95% CI. \"better\"/\"worse\" only when the interval excludes 0.\n\n")
+            "paired bootstrap 95% CI. \"better\"/\"worse\" only when the interval excludes 0, and only "
+            f"with at least {MIN_PATIENTS_FOR_VERDICT} test patients.\n\n")
     if paired.empty:
         return head + ("No pairs: no two variants of the study differ only by the ResNet encoder or "
                        "attention (with the same batch size and loss).\n")

@@ -149,9 +149,14 @@ def test_inference_job_writes_one_row_per_slice(cluster, working_dir, ablation_s
 
 
 def _status(cluster: LocalRayCluster, submission_id: str) -> str:
+    """PENDING / RUNNING / SUCCEEDED / FAILED / STOPPED, as `ray job status` words it (UNKNOWN if it failed)."""
     proc = _job(cluster, "status", submission_id)
-    found = re.search(r"Status for job '[^']+': (\w+)", proc.stdout + proc.stderr)
-    return found.group(1) if found else "UNKNOWN"
+    output = proc.stdout + proc.stderr
+    ended = re.search(rf"Job '{submission_id}' (succeeded|failed|was stopped)", output)
+    if ended:
+        return {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}[ended.group(1)]
+    running = re.search(rf"Status for job '{submission_id}': (\w+)", output)
+    return running.group(1) if running else "UNKNOWN"
 
 
 def _wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
@@ -180,10 +185,12 @@ def test_training_survives_the_loss_of_its_node(cluster, working_dir, tmp_path):
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
     def first_checkpoint():
+        if any((folder / "training_state.pt").is_file() for folder in run_dir.glob("checkpoint_*")):
+            return True
         if _status(cluster, submission_id) in ("FAILED", "STOPPED", "SUCCEEDED"):
             logs = _job(cluster, "logs", submission_id).stdout
             raise AssertionError(f"job ended before its node was lost:\n{_readable(logs)}")
-        return any((folder / "training_state.pt").is_file() for folder in run_dir.glob("checkpoint_*"))
+        return False
 
     _wait_for(first_checkpoint, timeout=600, what="the first checkpoint")
     cluster.kill_node("node2")

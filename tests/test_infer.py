@@ -35,6 +35,7 @@ from raysegm.infer import (
     largest_connected_component,
     part_name,
     read_slices,
+    reject_key,
 )
 from raysegm.losses import make_loss
 from raysegm.models import create_model
@@ -190,6 +191,20 @@ def test_part_names_are_unique_and_parquet_visible():
     names = {part_name(v) for v in ("a/b", "a_b", "TCGA_CS_4942_19970222", "x" * 300)}
     assert len(names) == 4
     assert all(n.startswith("part-") and n.endswith(".parquet") and "/" not in n for n in names)
+
+
+@pytest.mark.parametrize(("relative", "expected"), [
+    ("TCGA_CS_4942_19970222/TCGA_CS_4942_19970222_7.tif", ("TCGA_CS_4942_19970222", 7)),
+    ("TCGA_CS_4942_19970222/TCGA_CS_4942_19970222_12_mask.tif", ("TCGA_CS_4942_19970222", 12)),
+    ("scans/patient3/img_004.png", ("scans/patient3", 4)),
+    ("img_9.png", ("archive", 9)),
+    ("patient3/notes.bin", ("patient3", -1)),
+    ("CASE_002_0001.nii.gz", ("CASE_002", -1)),
+    ("CASE_002_seg.nii", ("CASE_002", -1)),
+])
+def test_reject_key_names_the_slice_as_discovery_does(tmp_path, relative, expected):
+    root = tmp_path / "archive"
+    assert reject_key(str(root / relative), root) == expected
 
 
 def _batch(images, sizes, status=None):

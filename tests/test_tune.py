@@ -165,8 +165,8 @@ def test_paired_differences_isolate_attention_and_the_resnet_encoder():
         ("d", "unet", "unet", 8, "dice", 0.4, 0.4, 0.3, 0.5, 0.3, 0.4, 0.99, 6.0, 100),
         ("e", "unet_attention", "unet_attention", 16, "dice", 0.4, 0.4, 0.3, 0.5, 0.3, 0.4, 0.99, 6.0, 110),
     ])
-    per_patient = _per_patient({"a": [0.2, 0.5, 0.8], "b": [0.3, 0.6, 1.0], "c": [0.6, 0.4, 0.9],
-                                "d": [0.1, 0.1, 0.1], "e": [0.9, 0.9, 0.9]})
+    per_patient = _per_patient({"a": [0.2, 0.5, 0.8, 0.4, 0.6], "b": [0.3, 0.6, 1.0, 0.5, 0.7],
+                                "c": [0.6, 0.4, 0.9, 0.5, 0.7], "d": [0.1] * 5, "e": [0.9] * 5})
     paired = paired_differences(results, per_patient)
     pairs = {(row.trial_id, row.reference_trial): row for row in paired.itertuples()}
     # e has no reference of its batch size and loss; d is the plain U-Net itself.
@@ -174,17 +174,21 @@ def test_paired_differences_isolate_attention_and_the_resnet_encoder():
     assert pairs[("b", "a")].effect == "attention"
     assert pairs[("c", "a")].effect == "ResNet encoder + attention"
     assert pairs[("c", "b")].effect == "ResNet encoder"
-    # b - a = (0.1, 0.1, 0.2): mean 0.4/3; c - b = (0.3, -0.2, -0.1): mean 0
-    assert pairs[("b", "a")].dice_diff_mean == pytest.approx(0.4 / 3)
+    # b - a = (0.1, 0.1, 0.2, 0.1, 0.1): mean 0.12; c - b = (0.3, -0.2, -0.1, 0, 0): mean 0;
+    # c - a = (0.4, -0.1, 0.1, 0.1, 0.1): mean 0.12
+    assert pairs[("b", "a")].dice_diff_mean == pytest.approx(0.12)
     assert pairs[("c", "b")].dice_diff_mean == pytest.approx(0.0)
-    assert pairs[("c", "a")].dice_diff_mean == pytest.approx(0.4 / 3)
-    expected = paired_bootstrap_diff([0.6, 0.4, 0.9], [0.3, 0.6, 1.0])
+    assert pairs[("c", "a")].dice_diff_mean == pytest.approx(0.12)
+    expected = paired_bootstrap_diff([0.6, 0.4, 0.9, 0.5, 0.7], [0.3, 0.6, 1.0, 0.5, 0.7])
     assert (pairs[("c", "b")].dice_diff_ci_low, pairs[("c", "b")].dice_diff_ci_high) == pytest.approx(
         (expected["ci_low"], expected["ci_high"]))
-    assert pairs[("b", "a")].verdict == "better"  # every resampled mean of (0.1, 0.1, 0.2) is >= 0.1
+    assert pairs[("b", "a")].verdict == "better"  # every resampled mean of the differences is >= 0.1
     assert pairs[("b", "a")].dice_diff_ci_low >= 0.1 - 1e-12
     assert pairs[("c", "b")].verdict == "no clear difference"
-    assert all(row.patients == 3 for row in pairs.values())
+    assert all(row.patients == 5 for row in pairs.values())
+    # With fewer test patients the interval is still given, but no verdict.
+    few = paired_differences(results, per_patient[per_patient["volume_id"] != "P4"])
+    assert set(few["verdict"]) == {"too few patients (< 5)"}
 
 
 def test_paired_differences_refuse_different_test_patients():
