@@ -171,14 +171,14 @@ def _wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
 
 def test_training_survives_the_loss_of_its_node(cluster, working_dir, tmp_path):
     """Train workers pinned to `node2`; the node dies after the first checkpoint; a replacement joins."""
-    epochs = 6
+    epochs = 5
     submission_id = f"raysegm-fault-{secrets.token_hex(4)}"
     run_dir = tmp_path / "runs" / "fault"
     submit = subprocess.run(
         [RAY_BIN, "job", "submit", "--no-wait", "--submission-id", submission_id, "--address",
          cluster.dashboard_url, "--working-dir", str(working_dir), "--",
-         "python", "jobs/train.py", "--config", "configs/demo.yaml", *SMALL_DATA,
-         "--set", "data.synthetic_patients=8", "--set", f"train.epochs={epochs}",
+         # demo.yaml's 12 patients: epochs of several seconds, so the node is lost mid-run
+         "python", "jobs/train.py", "--config", "configs/demo.yaml", "--set", f"train.epochs={epochs}",
          "--set", "scale.num_workers=2", "--set", "scale.worker_resources={node2: 0.5}",
          "--set", f"run.storage_path={run_dir.parent}", "--set", "run.name=fault"],
         env=cluster.env, capture_output=True, text=True, timeout=120)
@@ -194,6 +194,7 @@ def test_training_survives_the_loss_of_its_node(cluster, working_dir, tmp_path):
 
     _wait_for(first_checkpoint, timeout=600, what="the first checkpoint")
     cluster.kill_node("node2")
+    assert not (run_dir / "result.json").exists(), "the run finished before its node was lost"
     # What an autoscaler does: a new node of the same type, carrying the same custom resource.
     cluster.add_node("node3", num_cpus=2, resources={"node2": 1})
 

@@ -413,12 +413,17 @@ def _parts(output: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_killed_job_rerun_gives_every_slice_exactly_once(untrained_checkpoint, tmp_path):
+def test_killed_job_rerun_gives_every_slice_exactly_once(tmp_path):
     from raycluster import LocalRayCluster
 
-    root = generate_dataset(tmp_path / "kaggle_3m", patients=10, slices=8, size=SIZE, seed=4)
+    # a wider model at 128 px and one slice per batch: each volume takes long enough that the kill lands
+    # between the first and the last commit
+    config = replace(ExperimentConfig(), data={"size": 128}, model={"variant": "unet", "unet_width": 16})
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "checkpoint", create_model(config.model, 3), config)
+    root = generate_dataset(tmp_path / "kaggle_3m", patients=10, slices=8, size=128, seed=4)
     output = tmp_path / "out"
-    args = ["--checkpoint", str(untrained_checkpoint), "--input", str(root), "--output", str(output),
+    args = ["--checkpoint", str(checkpoint), "--input", str(root), "--output", str(output),
             "--set", "infer.batch_size=1", "--set", "infer.torch_threads=1"]
     with LocalRayCluster(head_cpus=2) as cluster:
         driver = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "infer.py"), *args], env=cluster.env,
