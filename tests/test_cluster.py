@@ -45,15 +45,25 @@ class SeparateDisksCluster(LocalRayCluster):
         super()._run(args)
 
 
+def _start_cluster() -> SeparateDisksCluster:
+    """Head plus `node2`. On a saturated host the GCS can miss `ray start`'s deadline: one more try."""
+    for last_attempt in (False, True):
+        ray_cluster = SeparateDisksCluster(head_cpus=2, memory_gb=6, object_store_gb=0.5)
+        try:
+            ray_cluster.start()
+            ray_cluster.add_node("node2", num_cpus=2, resources={"node2": 1})
+            return ray_cluster
+        except RuntimeError:
+            ray_cluster.shutdown()  # a head that failed to start leaves processes too
+            if last_attempt:
+                raise
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    ray_cluster = SeparateDisksCluster(head_cpus=2, memory_gb=6, object_store_gb=0.5)
-    try:  # not `with`: a head that fails to start must be cleaned up too
-        ray_cluster.start()
-        ray_cluster.add_node("node2", num_cpus=2, resources={"node2": 1})
-        yield ray_cluster
-    finally:
-        ray_cluster.shutdown()
+    ray_cluster = _start_cluster()
+    yield ray_cluster
+    ray_cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
