@@ -57,11 +57,18 @@ def _tune(args) -> int:
     return 0
 
 
+def _cv(args) -> int:
+    from raysegm.cv import run_cv
+
+    run_cv(_config(args), folds=args.folds, only=args.fold, resume=args.resume)
+    return 0
+
+
 def _evaluate(args) -> int:
     from raysegm.evaluate import evaluate_checkpoint
 
     summary = evaluate_checkpoint(args.checkpoint, manifest=args.manifest, data_dir=args.data_dir,
-                                  split=args.split, out=args.out)
+                                  split=args.split, out=args.out, tta=args.tta, postprocess=args.postprocess)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -129,12 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted study")
     p.set_defaults(handler=_tune)
 
+    p = sub.add_parser("cv", help="patient-level k-fold cross-validation, scored on every out-of-fold patient")
+    _add_config_args(p)
+    p.add_argument("--folds", type=int, default=5, help="k (default 5)")
+    p.add_argument("--fold", type=int, action="append", default=None,
+                   help="run and score only this fold (repeatable; default: every fold)")
+    p.add_argument("--resume", action="store_true", help="continue a cross-validation of the same name")
+    p.set_defaults(handler=_cv)
+
     p = sub.add_parser("evaluate", help="score a checkpoint on a split with the metric contract")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--manifest")
     p.add_argument("--data-dir")
     p.add_argument("--split", default="test")
     p.add_argument("--out", help="write the summary and per-patient table here")
+    p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
+    p.add_argument("--postprocess", choices=["none", "lcc"], default="none",
+                   help="lcc: keep the largest 3D connected component per volume")
     p.set_defaults(handler=_evaluate)
 
     p = sub.add_parser("infer", help="segment every slice of an archive into Parquet")

@@ -20,30 +20,53 @@ import torch.nn.functional as F
 from raysegm.config import replace
 
 BATCH_SLICES = 16  # slices per forward pass
+THRESHOLD = 0.5  # tumor where probability > THRESHOLD (the metric contract)
 
 
-def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "test", out=None) -> dict:
+def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "test", out=None, *,
+                        tta: bool = False, postprocess: str = "none") -> dict:
     """Per-patient, pooled and per-slice numbers of `checkpoint` on `split`.
 
     checkpoint: a checkpoint folder, or a run folder (its result.json names the best checkpoint).
     The slices come from `manifest` (Parquet), else from `data_dir` prepared with the checkpoint's own
     split settings, else from the manifest the checkpoint was trained on. Unlabeled slices cannot be
-    scored: they are counted in `unlabeled_slices` and left out. With `out`, writes
+    scored: they are counted in `unlabeled_slices` and left out. `tta` and `postprocess` ("none" or
+    "lcc") are the inference options of the same names (raysegm.infer). With `out`, writes
     out/per_patient.csv and out/summary.json.
     Returns the SegmentationMeter summary plus checkpoint, model_id, model_name, split, manifest,
-    unlabeled_slices.
+    unlabeled_slices, tta, postprocess.
+    """
+    summary, meter = score_checkpoint(checkpoint, manifest, data_dir, split, tta=tta, postprocess=postprocess,
+                                      work_dir=out)
+    summary.update(meter.summary())
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        meter.per_patient_table().to_csv(out / "per_patient.csv", index=False)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "test", *, tta: bool = False,
+                     postprocess: str = "none", work_dir=None):
+    """(what was scored, a SegmentationMeter holding every labeled slice of `split` with its masks).
+
+    A manifest prepared from `data_dir` is written to `work_dir` (a temporary folder when None). The meter can be merged with others (raysegm.cv pools the folds of a cross-validation).
     """
     from raysegm.checkpoint import load_model, model_id
     from raysegm.data.io import is_missing, read_image, read_mask
     from raysegm.data.preprocess import preprocess_image
+    from raysegm.infer import POSTPROCESS, largest_connected_component
     from raysegm.metrics import SegmentationMeter
     from raysegm.models import model_name
 
+    if postprocess not in POSTPROCESS:
+        raise ValueError(f"postprocess must be one of {list(POSTPROCESS)}, got {postprocess!r}")
     checkpoint = _checkpoint_dir(Path(checkpoint))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, config = load_model(checkpoint, device=device)  # in eval mode
     with tempfile.TemporaryDirectory() as scratch:
-        slices, manifest_source = _split_slices(config, manifest, data_dir, split, Path(out or scratch))
+        slices, manifest_source = _split_slices(config, manifest, data_dir, split, Path(work_dir or scratch))
     labeled = slices[~slices["mask_path"].map(is_missing)]
     if labeled.empty:
         raise ValueError(f"{manifest_source}: split {split!r} has no labeled slices to score")
@@ -54,6 +77,7 @@ def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "
     meter = SegmentationMeter(keep_masks=True)
     for volume_id, volume in labeled.groupby("volume_id", sort=True):
         records = volume.sort_values("slice_index").to_dict("records")
+        predicted, truths = [], []
         for start in range(0, len(records), BATCH_SLICES):
             batch = records[start:start + BATCH_SLICES]
             images = [read_image(record) for record in batch]
@@ -63,30 +87,40 @@ def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "
                                      f"was trained on {config.data.in_channels}")
             inputs = torch.from_numpy(np.stack([preprocess_image(image, config.data, record)
                                                 for image, record in zip(images, batch)])).to(device)
-            with torch.no_grad():
-                probabilities = torch.sigmoid(model(inputs).float()).cpu()
+            probabilities = predict_probabilities(model, inputs, tta=tta).cpu()
             for record, image, probability in zip(batch, images, probabilities):
-                truth = read_mask(record)
-                # Bilinear on probabilities, then the contract's threshold inside the meter.
+                # Bilinear on probabilities, then the contract's threshold.
                 native = F.interpolate(probability[None], size=image.shape[:2], mode="bilinear",
-                                       align_corners=False)[0]
-                meter.update([volume_id], [record["slice_index"]], native, torch.from_numpy(truth)[None])
+                                       align_corners=False)[0, 0]
+                predicted.append(native.numpy() > THRESHOLD)
+                truths.append(read_mask(record))
+        if postprocess == "lcc" and len({mask.shape for mask in predicted}) == 1:
+            predicted = list(largest_connected_component(np.stack(predicted)))
+        for record, mask, truth in zip(records, predicted, truths):
+            meter.update([volume_id], [record["slice_index"]], mask[None], truth[None])
 
-    summary = {
+    scored = {
         "checkpoint": str(checkpoint),
         "model_id": model_id(checkpoint),
         "model_name": model_name(config.model),
         "split": split,
         "manifest": manifest_source,
         "unlabeled_slices": int(len(slices) - len(labeled)),
-        **meter.summary(),
+        "tta": bool(tta),
+        "postprocess": postprocess,
     }
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        meter.per_patient_table().to_csv(out / "per_patient.csv", index=False)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return scored, meter
+
+
+def predict_probabilities(model: torch.nn.Module, inputs: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """(B, C, S, S) -> tumor probabilities (B, 1, S, S); with tta the mean with the width-flipped pass:
+    p = (sigmoid(f(x)) + flip(sigmoid(f(flip(x))))) / 2 (raysegm.infer does the same)."""
+    with torch.no_grad():
+        probabilities = torch.sigmoid(model(inputs).float())
+        if tta:
+            flipped = torch.sigmoid(model(torch.flip(inputs, dims=[-1])).float())
+            probabilities = (probabilities + torch.flip(flipped, dims=[-1])) / 2
+    return probabilities
 
 
 def _checkpoint_dir(path: Path) -> Path:

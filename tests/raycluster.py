@@ -165,7 +165,11 @@ class LocalRayCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalRayCluster:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.shutdown()  # a start that failed half-way leaves processes: __exit__ will not run
+            raise
 
     def __exit__(self, *exc) -> None:
         self.shutdown()

@@ -157,3 +157,47 @@ def test_bad_requests_are_clear_errors(all_test_manifest, tmp_path):
     one_channel = make_checkpoint(tmp_path / "gray", all_test_manifest, in_channels=1)
     with pytest.raises(ValueError, match="3 channels, the checkpoint was trained on 1"):
         evaluate_checkpoint(one_channel, split="test")
+
+
+@pytest.mark.parametrize("tta, postprocess", [(True, "none"), (False, "lcc"), (True, "lcc")])
+def test_tta_and_largest_component_score_as_computed_by_hand(all_test_manifest, tmp_path, tta, postprocess):
+    from raysegm.infer import largest_connected_component
+
+    manifest = load_manifest(all_test_manifest).sort_values(["volume_id", "slice_index"])
+    data = from_dict({"data": {"size": MODEL_SIZE}}).data
+    inputs = {volume_id: torch.from_numpy(np.stack([preprocess_image(tifffile.imread(r["image_path"]), data, r)
+                                                    for r in rows.to_dict("records")]))
+              for volume_id, rows in manifest.groupby("volume_id")}
+    checkpoint = make_checkpoint(tmp_path / "random", all_test_manifest, centred_on=torch.cat(list(inputs.values())))
+    plain = evaluate_checkpoint(checkpoint, manifest=all_test_manifest, split="test")
+    summary = evaluate_checkpoint(checkpoint, manifest=all_test_manifest, split="test", out=tmp_path / "scores",
+                                  tta=tta, postprocess=postprocess)
+    table = pd.read_csv(tmp_path / "scores" / "per_patient.csv").set_index("volume_id")
+
+    model, _ = load_model(checkpoint)
+    components_removed = 0
+    for volume_id, rows in manifest.groupby("volume_id"):
+        x = inputs[volume_id]
+        with torch.no_grad():
+            probabilities = torch.sigmoid(model(x))
+            if tta:  # p = (sigmoid(f(x)) + flip(sigmoid(f(flip(x))))) / 2, flip along the width
+                probabilities = (probabilities + torch.flip(torch.sigmoid(model(torch.flip(x, [-1]))), [-1])) / 2
+        pred = (F.interpolate(probabilities, size=(64, 64), mode="bilinear") > 0.5).numpy()[:, 0]
+        if postprocess == "lcc":
+            kept = largest_connected_component(pred)
+            components_removed += int(pred.sum() - kept.sum())
+            pred = kept
+        truth = np.stack([tifffile.imread(path) > 0 for path in rows["mask_path"]])
+        tp, fp, fn = (pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()
+        expected = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+        assert table.loc[volume_id, "dice"] == pytest.approx(expected)
+    if postprocess == "lcc":
+        assert components_removed > 0, "the check needs predictions with more than one component"
+    assert summary["tta"] is tta and summary["postprocess"] == postprocess
+    assert summary["per_patient"]["dice"]["mean"] != pytest.approx(plain["per_patient"]["dice"]["mean"])
+
+
+def test_unknown_postprocess_is_refused(all_test_manifest, tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "ckpt", all_test_manifest, head_bias=10.0)
+    with pytest.raises(ValueError, match="postprocess must be one of"):
+        evaluate_checkpoint(checkpoint, split="test", postprocess="largest")

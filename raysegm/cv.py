@@ -1,0 +1,146 @@
+"""Patient-level k-fold cross-validation: every patient is scored once, by a model that never saw it.
+
+The patients are dealt into k folds (raysegm.data.discover.assign_splits with data.folds = k). Fold i
+is one Ray Train run (raysegm.train.train) that trains on the other k - 1 folds; its held-out fold is
+its validation split, watched each epoch but never used to choose: the fold's out-of-fold score comes
+from the run's *final* checkpoint, so no patient both chose a model and scored it. Each run uses the
+whole cluster (data-parallel workers), and the folds run one after another.
+
+After the folds, every held-out patient is scored with the metric contract (raysegm.evaluate, with
+the config's infer.tta and infer.postprocess), and the cross-validation folder
+`run.storage_path/run.name` holds:
+
+    config.json        the resolved config, folds included
+    fold-<i>/          fold i's Ray Train run (manifest in data/, checkpoints, history.csv)
+    per_patient.csv    one row per patient: fold, volume_id, Dice, IoU, ..., HD95 (pixels)
+    summary.json/md    per-patient Dice mean, median and 95% CI over all out-of-fold patients; the
+                       pooled and per-slice figures beside them, each labelled as such; per fold too
+
+A rerun with `resume` keeps finished folds, continues an unfinished one from its latest checkpoint and
+starts the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from raysegm.config import ExperimentConfig, replace, save_json, to_dict
+
+
+def run_cv(config: ExperimentConfig, folds: int = 5, only: list[int] | None = None, resume: bool = False) -> dict:
+    """Train and score `folds` folds (or the folds listed in `only`); returns the summary dict."""
+    from raysegm.train import train
+
+    if config.data.manifest:
+        raise ValueError("cross-validation splits the patients itself: give data.data_dir (or no data for "
+                         "synthetic data), not data.manifest")
+    if folds < 2:
+        raise ValueError(f"--folds must be at least 2, got {folds}")
+    selected = sorted(set(range(folds) if only is None else only))
+    if not selected or not all(0 <= i < folds for i in selected):
+        raise ValueError(f"folds to run must lie in 0..{folds - 1}, got {only}")
+    cv_dir = Path(config.run.storage_path).expanduser().resolve() / config.run.name
+    config = replace(config, data={"folds": folds})
+    saved = cv_dir / "config.json"
+    if saved.is_file():
+        if not resume:
+            raise FileExistsError(f"{cv_dir} already holds a cross-validation: continue it with --resume "
+                                  f"or choose another run.name")
+        _check_same(json.loads(saved.read_text()), config, saved)
+    elif resume:
+        raise FileNotFoundError(f"nothing to resume: {cv_dir} holds no cross-validation")
+    cv_dir.mkdir(parents=True, exist_ok=True)
+    save_json(config, saved)
+
+    for fold in selected:
+        fold_config = replace(config, data={"fold": fold}, run={"name": f"fold-{fold}", "storage_path": str(cv_dir)})
+        state = fold_state(cv_dir / f"fold-{fold}", config.train.epochs)
+        print(f"fold {fold + 1}/{folds}: {state}", flush=True)
+        if state != "finished":
+            train(fold_config, resume=state == "unfinished")
+    return write_summary(cv_dir, selected, config)
+
+
+def fold_state(run_dir: Path, epochs: int) -> str:
+    """"finished" (result.json says every epoch ran), "unfinished" (a run was started) or "new"."""
+    from raysegm.train import holds_run
+
+    result = run_dir / "result.json"
+    if result.is_file() and json.loads(result.read_text()).get("epochs_completed", 0) >= epochs:
+        return "finished"
+    return "unfinished" if holds_run(run_dir) else "new"
+
+
+def _check_same(saved: dict, config: ExperimentConfig, path: Path) -> None:
+    # Where and how it runs may change on resume; what it measures may not.
+    current = to_dict(config)
+    changed = [f"{section}.{key}" for section in ("data", "model", "train", "infer")
+               for key in current[section] if saved.get(section, {}).get(key) != current[section][key]]
+    if changed:
+        raise ValueError(f"{path}: the cross-validation was started with other settings ({', '.join(changed)}); "
+                         f"resume it with the same config or choose another run.name")
+
+
+def write_summary(cv_dir: Path, folds_run: list[int], config: ExperimentConfig) -> dict:
+    """Score each fold's final checkpoint on its held-out patients, pool them, write the tables."""
+    from raysegm.evaluate import score_checkpoint
+    from raysegm.metrics import SegmentationMeter
+
+    meters, tables, per_fold = [], [], []
+    for fold in folds_run:
+        run_dir = cv_dir / f"fold-{fold}"
+        result = json.loads((run_dir / "result.json").read_text())
+        scored, meter = score_checkpoint(result["latest_checkpoint"], manifest=run_dir / "data" / "manifest.parquet",
+                                         split="val", tta=config.infer.tta, postprocess=config.infer.postprocess)
+        table = meter.per_patient_table()
+        table.insert(0, "fold", fold)
+        tables.append(table)
+        meters.append(meter.state())
+        per_fold.append({"fold": fold, "patients": len(table), "per_patient_dice_mean": float(table["dice"].mean()),
+                         "checkpoint": scored["checkpoint"]})
+    pooled = SegmentationMeter.from_states(meters)
+    headline = pooled.summary()
+    summary = {
+        "folds": config.data.folds,
+        "folds_scored": folds_run,
+        "checkpoint_choice": "final epoch of each fold (the held-out patients chose nothing)",
+        "tta": config.infer.tta,
+        "postprocess": config.infer.postprocess,
+        **headline,
+        "per_fold": per_fold,
+    }
+    pd.concat(tables, ignore_index=True).to_csv(cv_dir / "per_patient.csv", index=False)
+    (cv_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (cv_dir / "summary.md").write_text(summary_markdown(summary))
+    print(summary_markdown(summary), flush=True)
+    return summary
+
+
+def summary_markdown(summary: dict) -> str:
+    dice = summary["per_patient"]["dice"]
+    scope = (f"all {summary['folds']} folds" if len(summary["folds_scored"]) == summary["folds"]
+             else f"fold(s) {', '.join(str(f) for f in summary['folds_scored'])} of {summary['folds']}")
+    lines = [
+        f"# Cross-validation: {scope}, {summary['n_patients']} out-of-fold patients, {summary['n_slices']} slices",
+        "",
+        f"Scored with each fold's final-epoch checkpoint; TTA {'on' if summary['tta'] else 'off'}, "
+        f"post-processing {summary['postprocess']}.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| per-patient Dice, mean [95% CI] | {dice['mean']:.4f} [{dice['ci_low']:.4f}, {dice['ci_high']:.4f}] |",
+        f"| per-patient Dice, median | {dice['median']:.4f} |",
+        f"| per-patient IoU, mean | {summary['per_patient']['iou']['mean']:.4f} |",
+        f"| per-patient HD95 (pixels), median | {summary['per_patient']['hd95']['median']:.2f} |",
+        f"| pooled Dice (every pixel of every patient) | {summary['pooled']['dice']:.4f} |",
+        f"| per-slice mean Dice (empty slices predicted empty score 1) | {summary['per_slice_mean_dice']:.4f} |",
+        "",
+        "| fold | patients | per-patient Dice mean |",
+        "|---|---|---|",
+        *(f"| {row['fold']} | {row['patients']} | {row['per_patient_dice_mean']:.4f} |" for row in summary["per_fold"]),
+        "",
+    ]
+    return "\n".join(lines)

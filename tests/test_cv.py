@@ -1,0 +1,79 @@
+"""Patient-level k-fold cross-validation: every patient scored once, by its fold's final checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from raysegm.config import load_config, replace
+from raysegm.cv import fold_state, run_cv
+from raysegm.data.discover import load_manifest
+from raysegm.evaluate import evaluate_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(storage: Path, synth_dir: Path, name: str = "cv"):
+    """configs/demo.yaml on the 6-patient synthetic set, 2 epochs of a width-4 U-Net."""
+    return replace(load_config(ROOT / "configs" / "demo.yaml"),
+                   data={"data_dir": str(synth_dir), "size": 32},
+                   model={"unet_width": 4, "unet_depth": 2},
+                   train={"epochs": 2, "batch_size": 4},
+                   run={"name": name, "storage_path": str(storage)})
+
+
+def test_bad_requests_fail_before_any_training(tmp_path, synth_dir):
+    config = tiny_config(tmp_path, synth_dir)
+    with pytest.raises(ValueError, match="at least 2"):
+        run_cv(config, folds=1)
+    with pytest.raises(ValueError, match=r"must lie in 0\.\.2"):
+        run_cv(config, folds=3, only=[3])
+    with pytest.raises(ValueError, match="not data.manifest"):
+        run_cv(replace(config, data={"manifest": str(tmp_path / "m.parquet")}), folds=3)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        run_cv(config, folds=3, resume=True)
+    assert fold_state(tmp_path / "cv" / "fold-0", 2) == "new"
+
+
+@pytest.mark.slow
+def test_three_folds_score_every_patient_once_and_resume_keeps_them(tmp_path, synth_dir, ray_session):
+    config = tiny_config(tmp_path, synth_dir)
+    summary = run_cv(config, folds=3)
+    cv_dir = tmp_path / "cv"
+
+    table = pd.read_csv(cv_dir / "per_patient.csv")
+    all_patients = sorted(load_manifest(cv_dir / "fold-0" / "data" / "manifest.parquet")["volume_id"].unique())
+    assert sorted(table["volume_id"]) == all_patients  # each of the 6 patients exactly once
+    for fold in range(3):
+        manifest = load_manifest(cv_dir / f"fold-{fold}" / "data" / "manifest.parquet")
+        held_out = sorted(manifest.query("split == 'val'")["volume_id"].unique())
+        assert sorted(table.query("fold == @fold")["volume_id"]) == held_out
+        assert not set(held_out) & set(manifest.query("split == 'train'")["volume_id"])
+        # the fold's score is its final checkpoint's, as evaluate computes it on the held-out patients
+        result = json.loads((cv_dir / f"fold-{fold}" / "result.json").read_text())
+        assert result["epochs_completed"] == 2
+        alone = evaluate_checkpoint(result["latest_checkpoint"], split="val",
+                                    manifest=cv_dir / f"fold-{fold}" / "data" / "manifest.parquet")
+        assert summary["per_fold"][fold]["per_patient_dice_mean"] == pytest.approx(
+            alone["per_patient"]["dice"]["mean"])
+        assert summary["per_fold"][fold]["checkpoint"] == str(Path(result["latest_checkpoint"]))
+    assert summary["n_patients"] == 6
+    assert summary["per_patient"]["dice"]["mean"] == pytest.approx(table["dice"].mean())
+    dice = summary["per_patient"]["dice"]
+    assert dice["ci_low"] <= dice["mean"] <= dice["ci_high"]
+    markdown = (cv_dir / "summary.md").read_text()
+    for label in ("per-patient Dice, mean [95% CI]", "pooled Dice", "per-slice mean Dice"):
+        assert label in markdown
+
+    # a rerun without resume is refused; with it, finished folds are kept as they are
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_cv(config, folds=3)
+    stamps = {fold: (cv_dir / f"fold-{fold}" / "history.csv").stat().st_mtime_ns for fold in range(3)}
+    again = run_cv(config, folds=3, resume=True)
+    assert {fold: (cv_dir / f"fold-{fold}" / "history.csv").stat().st_mtime_ns for fold in range(3)} == stamps
+    assert again["per_patient"]["dice"]["mean"] == pytest.approx(dice["mean"])
+    with pytest.raises(ValueError, match="other settings"):
+        run_cv(replace(config, train={"lr": 0.1}), folds=3, resume=True)
