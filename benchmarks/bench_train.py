@@ -39,7 +39,7 @@ def ray_train_throughput(config: ExperimentConfig) -> tuple[float, float]:
 
     from raysegm.train import train
 
-    ray.init(num_cpus=config.scale.local_num_cpus, object_store_memory=int(1e9), include_dashboard=False)
+    ray.init(num_cpus=config.scale.local_num_cpus, object_store_memory=int(1e9), include_dashboard=True)  # Train's PG cleaner queries the state API
     started = time.perf_counter()
     summary = train(config)
     wall = time.perf_counter() - started
