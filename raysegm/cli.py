@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("infer", help="segment every slice of an archive into Parquet")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its best checkpoint)")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--tta", action="store_true", default=None, help="horizontal-flip test-time augmentation")

@@ -383,8 +383,17 @@ class OutputFolder:
 
 
 def _read_checkpoint(checkpoint: str) -> dict[str, bytes]:
-    """The checkpoint folder's files (local path or URI) as {name: bytes}, to ship to the replicas."""
+    """The checkpoint folder's files (local path or URI) as {name: bytes}, to ship to the replicas.
+
+    A training run's folder stands for its best checkpoint (the one its result.json names)."""
     fs, base = filesystem(str(checkpoint))
+    result = f"{base.rstrip('/')}/result.json"
+    if fs.get_file_info(result).type == pafs.FileType.File:
+        with fs.open_input_stream(result) as stream:
+            best = json.loads(stream.read()).get("best_checkpoint")
+        if not best:
+            raise FileNotFoundError(f"{checkpoint}: its result.json names no best checkpoint")
+        return _read_checkpoint(best)
     files = {}
     for name in CHECKPOINT_FILES:
         path = f"{base.rstrip('/')}/{name}"

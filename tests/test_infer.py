@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -262,6 +263,19 @@ def test_predictor_cuda_agrees_with_cpu(checkpoint, archive):
         cpu_masks = np.stack([decode_mask_png(d) for d in cpu["mask_png"]])
         gpu_masks = np.stack([decode_mask_png(d) for d in gpu["mask_png"]])
         assert (cpu_masks != gpu_masks).mean() < (1e-5 if precision == "fp32" else 1e-3)
+
+
+def test_a_run_folder_stands_for_its_best_checkpoint(untrained_checkpoint, tmp_path):
+    from raysegm.infer import _read_checkpoint
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")  # a run's config, not a checkpoint's
+    (run_dir / "result.json").write_text(json.dumps({"best_checkpoint": str(untrained_checkpoint)}))
+    assert _read_checkpoint(str(run_dir)) == _read_checkpoint(str(untrained_checkpoint))
+    (run_dir / "result.json").write_text(json.dumps({"best_checkpoint": None}))
+    with pytest.raises(FileNotFoundError, match="names no best checkpoint"):
+        _read_checkpoint(str(run_dir))
 
 
 def test_read_stage_turns_an_unreadable_file_into_an_error_row(tmp_path, archive):
