@@ -99,13 +99,20 @@ def test_predicting_nothing_scores_only_the_tumor_free_patients(all_test_manifes
     assert table["pooled"]["recall"] == 0.0
 
 
-def test_a_model_scores_as_the_meter_computed_by_hand(all_test_manifest, tmp_path):
-    manifest = load_manifest(all_test_manifest).sort_values(["volume_id", "slice_index"])
+def centred_model(manifest_path, directory):
+    """(manifest sorted by slice, volume_id -> model inputs, a random checkpoint predicting about half of
+    the pixels tumor), for checks against predictions recomputed by hand."""
+    manifest = load_manifest(manifest_path).sort_values(["volume_id", "slice_index"])
     data = from_dict({"data": {"size": MODEL_SIZE}}).data
     inputs = {volume_id: torch.from_numpy(np.stack([preprocess_image(tifffile.imread(r["image_path"]), data, r)
                                                     for r in rows.to_dict("records")]))
               for volume_id, rows in manifest.groupby("volume_id")}
-    checkpoint = make_checkpoint(tmp_path / "random", all_test_manifest, centred_on=torch.cat(list(inputs.values())))
+    checkpoint = make_checkpoint(directory, manifest_path, centred_on=torch.cat(list(inputs.values())))
+    return manifest, inputs, checkpoint
+
+
+def test_a_model_scores_as_the_meter_computed_by_hand(all_test_manifest, tmp_path):
+    manifest, inputs, checkpoint = centred_model(all_test_manifest, tmp_path / "random")
     summary = evaluate_checkpoint(checkpoint, manifest=all_test_manifest, split="test", out=tmp_path / "scores")
     table = pd.read_csv(tmp_path / "scores" / "per_patient.csv").set_index("volume_id")
 
@@ -163,12 +170,7 @@ def test_bad_requests_are_clear_errors(all_test_manifest, tmp_path):
 def test_tta_and_largest_component_score_as_computed_by_hand(all_test_manifest, tmp_path, tta, postprocess):
     from raysegm.infer import largest_connected_component
 
-    manifest = load_manifest(all_test_manifest).sort_values(["volume_id", "slice_index"])
-    data = from_dict({"data": {"size": MODEL_SIZE}}).data
-    inputs = {volume_id: torch.from_numpy(np.stack([preprocess_image(tifffile.imread(r["image_path"]), data, r)
-                                                    for r in rows.to_dict("records")]))
-              for volume_id, rows in manifest.groupby("volume_id")}
-    checkpoint = make_checkpoint(tmp_path / "random", all_test_manifest, centred_on=torch.cat(list(inputs.values())))
+    manifest, inputs, checkpoint = centred_model(all_test_manifest, tmp_path / "random")
     plain = evaluate_checkpoint(checkpoint, manifest=all_test_manifest, split="test")
     summary = evaluate_checkpoint(checkpoint, manifest=all_test_manifest, split="test", out=tmp_path / "scores",
                                   tta=tta, postprocess=postprocess)
