@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from itertools import product
@@ -414,11 +415,21 @@ def trial_outcome(run_dir: Path) -> dict | None:
             "best_checkpoint": str(kept[best_epoch][0]), "latest_checkpoint": str(kept[latest_epoch][0])}
 
 
+def _trial_id_of(result) -> str:
+    """The Tune trial id of a result: from its metrics, else from its folder `trial-<id>`, where a restored
+    study may have added a suffix (`trial-<id>_<4 hex>`) because the trial's first folder already existed."""
+    if result.metrics and result.metrics.get("trial_id"):
+        return str(result.metrics["trial_id"])
+    name = Path(result.path).name.removeprefix("trial-")
+    match = re.fullmatch(r"([0-9a-f]+_\d{5})(_[0-9a-f]{4})?", name)
+    return match.group(1) if match else name
+
+
 def _trial_records(result_grid) -> list[dict]:
     records = []
     for result in result_grid:
         error = result.error
-        records.append({"trial_id": Path(result.path).name.removeprefix("trial-"), "params": result.config,
+        records.append({"trial_id": _trial_id_of(result), "params": result.config,
                         "error": f"{type(error).__name__}: {error}"[:2000] if error is not None else None})
     return sorted(records, key=lambda record: record["trial_id"])
 

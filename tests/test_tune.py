@@ -355,3 +355,15 @@ def test_a_killed_study_driver_resumes_without_repeating_finished_trials(tmp_pat
     assert not results.drop(columns=["error"]).isna().any().any()
     assert (results["status"] == "completed").all() and (results["epochs_completed"] == 2).all()
     assert np.isfinite(results["dice_mean"]).all()
+
+
+def test_trial_id_survives_the_folder_suffix_of_a_restored_study():
+    from types import SimpleNamespace
+
+    from raysegm.tune import _trial_id_of
+
+    # A restored study can give a trial a second folder, `trial-<id>_<4 hex>`, when its first one exists.
+    assert _trial_id_of(SimpleNamespace(metrics={}, path="/s/tune/trial-f6fa8_00001_7ccc")) == "f6fa8_00001"
+    assert _trial_id_of(SimpleNamespace(metrics=None, path="/s/tune/trial-f6fa8_00001")) == "f6fa8_00001"
+    assert _trial_id_of(SimpleNamespace(metrics={"trial_id": "f6fa8_00002"},
+                                        path="/s/tune/trial-f6fa8_00002_0a1b")) == "f6fa8_00002"
