@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
-
 from raysegm.config import ExperimentConfig, replace, save_json, to_dict
 
 
@@ -89,20 +87,23 @@ def write_summary(cv_dir: Path, folds_run: list[int], config: ExperimentConfig) 
     from raysegm.evaluate import score_checkpoint
     from raysegm.metrics import SegmentationMeter
 
-    meters, tables, per_fold = [], [], []
+    states, fold_of, checkpoints = [], {}, {}
     for fold in folds_run:
         run_dir = cv_dir / f"fold-{fold}"
         result = json.loads((run_dir / "result.json").read_text())
         scored, meter = score_checkpoint(result["latest_checkpoint"], manifest=run_dir / "data" / "manifest.parquet",
                                          split="val", tta=config.infer.tta, postprocess=config.infer.postprocess)
-        table = meter.per_patient_table()
-        table.insert(0, "fold", fold)
-        tables.append(table)
-        meters.append(meter.state())
-        per_fold.append({"fold": fold, "patients": len(table), "per_patient_dice_mean": float(table["dice"].mean()),
-                         "checkpoint": scored["checkpoint"]})
-    pooled = SegmentationMeter.from_states(meters)
+        state = meter.state()
+        states.append(state)
+        fold_of.update({volume_id: fold for volume_id in state["volume_ids"]})
+        checkpoints[fold] = scored["checkpoint"]
+    pooled = SegmentationMeter.from_states(states)
+    table = pooled.per_patient_table()
+    table.insert(0, "fold", table["volume_id"].map(fold_of))
     headline = pooled.summary()
+    per_fold = [{"fold": fold, "patients": int((table["fold"] == fold).sum()),
+                 "per_patient_dice_mean": float(table.loc[table["fold"] == fold, "dice"].mean()),
+                 "checkpoint": checkpoints[fold]} for fold in folds_run]
     summary = {
         "folds": config.data.folds,
         "folds_scored": folds_run,
@@ -112,7 +113,7 @@ def write_summary(cv_dir: Path, folds_run: list[int], config: ExperimentConfig) 
         **headline,
         "per_fold": per_fold,
     }
-    pd.concat(tables, ignore_index=True).to_csv(cv_dir / "per_patient.csv", index=False)
+    table.sort_values(["fold", "volume_id"]).to_csv(cv_dir / "per_patient.csv", index=False)
     (cv_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (cv_dir / "summary.md").write_text(summary_markdown(summary))
     print(summary_markdown(summary), flush=True)

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from raysegm.config import replace
 
 BATCH_SLICES = 16  # slices per forward pass
-THRESHOLD = 0.5  # tumor where probability > THRESHOLD (the metric contract)
 
 
 def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "test", out=None, *,
@@ -51,12 +50,13 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
                      postprocess: str = "none", work_dir=None):
     """(what was scored, a SegmentationMeter holding every labeled slice of `split` with its masks).
 
-    A manifest prepared from `data_dir` is written to `work_dir` (a temporary folder when None). The meter can be merged with others (raysegm.cv pools the folds of a cross-validation).
+    A manifest prepared from `data_dir` is written to `work_dir` (a temporary folder when None). The
+    meter can be merged with others (raysegm.cv pools the folds of a cross-validation).
     """
     from raysegm.checkpoint import load_model, model_id
     from raysegm.data.io import is_missing, read_image, read_mask
     from raysegm.data.preprocess import preprocess_image
-    from raysegm.infer import POSTPROCESS, largest_connected_component
+    from raysegm.infer import POSTPROCESS, largest_connected_component, probabilities
     from raysegm.metrics import SegmentationMeter
     from raysegm.models import model_name
 
@@ -87,12 +87,13 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
                                      f"was trained on {config.data.in_channels}")
             inputs = torch.from_numpy(np.stack([preprocess_image(image, config.data, record)
                                                 for image, record in zip(images, batch)])).to(device)
-            probabilities = predict_probabilities(model, inputs, tta=tta).cpu()
-            for record, image, probability in zip(batch, images, probabilities):
+            with torch.no_grad():
+                predictions = probabilities(model, inputs, tta=tta).cpu()
+            for record, image, probability in zip(batch, images, predictions):
                 # Bilinear on probabilities, then the contract's threshold.
                 native = F.interpolate(probability[None], size=image.shape[:2], mode="bilinear",
                                        align_corners=False)[0, 0]
-                predicted.append(native.numpy() > THRESHOLD)
+                predicted.append(native.numpy() > meter.threshold)
                 truths.append(read_mask(record))
         if postprocess == "lcc" and len({mask.shape for mask in predicted}) == 1:
             predicted = list(largest_connected_component(np.stack(predicted)))
@@ -110,17 +111,6 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
         "postprocess": postprocess,
     }
     return scored, meter
-
-
-def predict_probabilities(model: torch.nn.Module, inputs: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """(B, C, S, S) -> tumor probabilities (B, 1, S, S); with tta the mean with the width-flipped pass:
-    p = (sigmoid(f(x)) + flip(sigmoid(f(flip(x))))) / 2 (raysegm.infer does the same)."""
-    with torch.no_grad():
-        probabilities = torch.sigmoid(model(inputs).float())
-        if tta:
-            flipped = torch.sigmoid(model(torch.flip(inputs, dims=[-1])).float())
-            probabilities = (probabilities + torch.flip(flipped, dims=[-1])) / 2
-    return probabilities
 
 
 def _checkpoint_dir(path: Path) -> Path:

@@ -133,6 +133,20 @@ def largest_connected_component(masks: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(sizes))
 
 
+def probabilities(model, inputs, tta: bool = False):
+    """(B, C, S, S) -> tumor probabilities (B, 1, S, S), under the caller's grad and autocast context.
+
+    With tta: p = (sigmoid(f(x)) + flip(sigmoid(f(flip(x))))) / 2, flip along the width.
+    """
+    import torch
+
+    probs = torch.sigmoid(model(inputs).float())
+    if tta:
+        flipped = torch.sigmoid(model(torch.flip(inputs, dims=[-1])).float())
+        probs = (probs + torch.flip(flipped, dims=[-1])) / 2
+    return probs
+
+
 # ---------------------------------------------------------------------------------------------------
 # The model replica
 
@@ -183,20 +197,14 @@ class SegmentationPredictor:
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     def probabilities(self, images: np.ndarray):
-        """(B, C, S, S) float32 -> tumor probabilities (B, S, S) float32 on the device.
-
-        With tta: p = (sigmoid(f(x)) + flip(sigmoid(f(flip(x))))) / 2, flip along the width.
-        """
+        """(B, C, S, S) float32 -> tumor probabilities (B, S, S) float32 on the device (see `probabilities`)."""
         import torch
 
         inputs = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
-            probs = torch.sigmoid(self.model(inputs).float())
-            if self.settings.tta:
-                flipped = torch.sigmoid(self.model(torch.flip(inputs, dims=[-1])).float())
-                probs = (probs + torch.flip(flipped, dims=[-1])) / 2
+            probs = probabilities(self.model, inputs, tta=self.settings.tta)
         return probs[:, 0].float()
 
     def masks(self, images: np.ndarray, sizes: list[tuple[int, int]]) -> list[tuple[np.ndarray, float]]:
