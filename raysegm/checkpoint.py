@@ -7,6 +7,8 @@
                          strings, lists and dicts only, so `torch.load(weights_only=True)` reads it
 
 Each file is written under a temporary name and renamed, so a killed save leaves no half file behind.
+A training run's folder (it holds result.json) stands for its best checkpoint wherever a checkpoint is
+asked for (raysegm.storage.best_checkpoint_of).
 """
 
 from __future__ import annotations

@@ -59,10 +59,13 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     from raysegm.infer import POSTPROCESS, largest_connected_component, probabilities
     from raysegm.metrics import SegmentationMeter
     from raysegm.models import model_name
+    from raysegm.storage import best_checkpoint_of
 
     if postprocess not in POSTPROCESS:
         raise ValueError(f"postprocess must be one of {list(POSTPROCESS)}, got {postprocess!r}")
-    checkpoint = _checkpoint_dir(Path(checkpoint))
+    checkpoint = Path(best_checkpoint_of(checkpoint))
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, config = load_model(checkpoint, device=device)  # in eval mode
     with tempfile.TemporaryDirectory() as scratch:
@@ -111,17 +114,6 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
         "postprocess": postprocess,
     }
     return scored, meter
-
-
-def _checkpoint_dir(path: Path) -> Path:
-    if (path / "result.json").is_file():
-        best = json.loads((path / "result.json").read_text()).get("best_checkpoint")
-        if not best:
-            raise ValueError(f"{path / 'result.json'}: the run names no best checkpoint")
-        return Path(best)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return path
 
 
 def _split_slices(config, manifest, data_dir, split: str, work_dir: Path) -> tuple[pd.DataFrame, str]:

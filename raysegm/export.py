@@ -31,7 +31,8 @@ from PIL import Image
 from scipy import ndimage
 
 from raysegm.data.io import NIFTI_SUFFIXES, PATH_SEPARATOR
-from raysegm.infer import METADATA, decode_mask_png, filesystem
+from raysegm.infer import METADATA, decode_mask_png
+from raysegm.storage import filesystem
 
 FORMATS = ("png", "overlay", "nifti")
 TINT = np.array([255.0, 0.0, 0.0])  # red

@@ -80,6 +80,7 @@ from PIL import Image
 from scipy import ndimage
 
 from raysegm.config import DataSettings, InferSettings, from_dict, to_dict
+from raysegm.storage import best_checkpoint_of, filesystem
 
 SCHEMA = pa.schema([
     pa.field("volume_id", pa.string(), nullable=False),
@@ -318,13 +319,6 @@ def part_name(volume_id: str) -> str:
     return f"{PART_PREFIX}{readable}-{hashlib.sha1(volume_id.encode()).hexdigest()[:8]}.parquet"
 
 
-def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path in it) of a local path (made absolute) or a URI."""
-    if "://" in location:
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), str(Path(location).resolve())
-
-
 class OutputFolder:
     """The Parquet output of one checkpoint: a local path or a URI, written through pyarrow.fs."""
 
@@ -393,15 +387,8 @@ class OutputFolder:
 def _read_checkpoint(checkpoint: str) -> dict[str, bytes]:
     """The checkpoint folder's files (local path or URI) as {name: bytes}, to ship to the replicas.
 
-    A training run's folder stands for its best checkpoint (the one its result.json names)."""
-    fs, base = filesystem(str(checkpoint))
-    result = f"{base.rstrip('/')}/result.json"
-    if fs.get_file_info(result).type == pafs.FileType.File:
-        with fs.open_input_stream(result) as stream:
-            best = json.loads(stream.read()).get("best_checkpoint")
-        if not best:
-            raise FileNotFoundError(f"{checkpoint}: its result.json names no best checkpoint")
-        return _read_checkpoint(best)
+    A training run's folder stands for its best checkpoint (raysegm.checkpoint.best_checkpoint_of)."""
+    fs, base = filesystem(best_checkpoint_of(checkpoint))
     files = {}
     for name in CHECKPOINT_FILES:
         path = f"{base.rstrip('/')}/{name}"

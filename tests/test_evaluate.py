@@ -166,6 +166,18 @@ def test_bad_requests_are_clear_errors(all_test_manifest, tmp_path):
         evaluate_checkpoint(one_channel, split="test")
 
 
+def test_a_run_folder_is_scored_with_its_best_checkpoint(all_test_manifest, tmp_path):
+    best = make_checkpoint(tmp_path / "run" / "best", all_test_manifest, head_bias=10.0)
+    make_checkpoint(tmp_path / "run" / "latest", all_test_manifest, head_bias=-10.0)
+    result = tmp_path / "run" / "result.json"
+    result.write_text(json.dumps({"best_checkpoint": str(best)}))
+    everywhere = evaluate_checkpoint(best, split="test")
+    assert evaluate_checkpoint(tmp_path / "run", split="test") == everywhere
+    result.write_text(json.dumps({"best_checkpoint": None}))
+    with pytest.raises(ValueError, match="names no best checkpoint"):
+        evaluate_checkpoint(tmp_path / "run", split="test")
+
+
 @pytest.mark.parametrize("tta, postprocess", [(True, "none"), (False, "lcc"), (True, "lcc")])
 def test_tta_and_largest_component_score_as_computed_by_hand(all_test_manifest, tmp_path, tta, postprocess):
     from raysegm.infer import largest_connected_component

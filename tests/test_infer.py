@@ -274,7 +274,7 @@ def test_a_run_folder_stands_for_its_best_checkpoint(untrained_checkpoint, tmp_p
     (run_dir / "result.json").write_text(json.dumps({"best_checkpoint": str(untrained_checkpoint)}))
     assert _read_checkpoint(str(run_dir)) == _read_checkpoint(str(untrained_checkpoint))
     (run_dir / "result.json").write_text(json.dumps({"best_checkpoint": None}))
-    with pytest.raises(FileNotFoundError, match="names no best checkpoint"):
+    with pytest.raises(ValueError, match="names no best checkpoint"):
         _read_checkpoint(str(run_dir))
 
 

@@ -1,0 +1,34 @@
+"""Where runs, checkpoints and outputs live: a local path or any URI pyarrow.fs reads (s3://, gs://, ...).
+
+Torch-free, so the inference driver and the export tool import it without the model stack.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path in it) of a local path (made absolute) or a URI."""
+    if "://" in location:
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def best_checkpoint_of(location: str | Path) -> str:
+    """The checkpoint a location stands for: a run folder's best one (named by its result.json), else itself.
+
+    `location` is a local path or a URI pyarrow reads; a run without a best checkpoint is a ValueError.
+    """
+    fs, base = filesystem(str(location))
+    result = f"{base.rstrip('/')}/result.json"
+    if fs.get_file_info(result).type != pafs.FileType.File:
+        return str(location)
+    with fs.open_input_stream(result) as stream:
+        best = json.loads(stream.read()).get("best_checkpoint")
+    if not best:
+        raise ValueError(f"{location}: its result.json names no best checkpoint")
+    return str(best)

@@ -1,0 +1,33 @@
+"""Every preset in configs/ loads, passes the training checks and builds its model and loss."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from raysegm.config import load_config, replace
+from raysegm.losses import make_loss
+from raysegm.models import create_model
+from raysegm.train import check_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_the_presets_the_docs_name_exist():
+    names = {p.name for p in PRESETS}
+    assert {"demo.yaml", "cpu-small.yaml", "paper.yaml", "best.yaml", "ablation-demo.yaml", "ablation-lgg.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_preset_is_valid(path):
+    config = load_config(path)
+    check_settings(config)
+    make_loss(config.train.loss)
+    # no download here: the ImageNet encoder is the same network with other numbers in it
+    model = create_model(replace(config, model={"encoder_weights": "none"}).model, config.data.in_channels)
+    side = 2 ** max(config.model.encoder_depth, config.model.unet_depth) * 2
+    with torch.no_grad():
+        logits = model.eval()(torch.zeros(1, config.data.in_channels, side, side))
+    assert logits.shape == (1, 1, side, side)
+    assert config.data.size % side == 0, "the slice size must be divisible by the network's total stride"
