@@ -100,7 +100,7 @@ def write_summary(cv_dir: Path, folds_run: list[int], config: ExperimentConfig) 
     pooled = SegmentationMeter.from_states(states)
     table = pooled.per_patient_table()
     table.insert(0, "fold", table["volume_id"].map(fold_of))
-    headline = pooled.summary()
+    headline = pooled.summary(table=table)
     per_fold = [{"fold": fold, "patients": int((table["fold"] == fold).sum()),
                  "per_patient_dice_mean": float(table.loc[table["fold"] == fold, "dice"].mean()),
                  "checkpoint": checkpoints[fold]} for fold in folds_run]

@@ -37,11 +37,12 @@ def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "
     """
     summary, meter = score_checkpoint(checkpoint, manifest, data_dir, split, tta=tta, postprocess=postprocess,
                                       work_dir=out)
-    summary.update(meter.summary())
+    table = meter.per_patient_table()
+    summary.update(meter.summary(table=table))
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        meter.per_patient_table().to_csv(out / "per_patient.csv", index=False)
+        table.to_csv(out / "per_patient.csv", index=False)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

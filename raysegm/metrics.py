@@ -274,16 +274,18 @@ class SegmentationMeter:
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def summary(self, spacing=None, n_boot: int = 2000, seed: int = 0) -> dict:
+    def summary(self, spacing=None, n_boot: int = 2000, seed: int = 0, table: pd.DataFrame | None = None) -> dict:
         """Headline per-patient statistics, pooled metrics and per-slice mean Dice, as a JSON-able dict.
 
         per_patient: {metric: {mean, median, ci_low, ci_high}} for the six metrics and hd95 (and
         hd95_mm with a spacing) when masks are kept; pooled: the six metrics on summed counts;
         per_slice_mean_dice; n_patients, n_slices, tumor_free_patients (each scores Dice 1 or 0).
+        `table`: this meter's `per_patient_table(spacing)` where the caller has built it already (HD95
+        is the costly part).
         """
         if not self._counts:
             raise ValueError("SegmentationMeter.summary: no slices were added")
-        table = self.per_patient_table(spacing)
+        table = self.per_patient_table(spacing) if table is None else table
         names = list(METRICS) + (["hd95"] if self.keep_masks else []) + (["hd95_mm"] if "hd95_mm" in table else [])
         slice_dice = [scores(counts)["dice"] for counts in self._counts.values()]
         return {

@@ -99,6 +99,7 @@ def test_batches_and_workers_add_up_to_everything_at_once():
     gathered = SegmentationMeter.from_states(states)
 
     expected = at_once.summary(n_boot=200)
+    assert at_once.summary(n_boot=200, table=at_once.per_patient_table()) == expected
     for meter in (batched, gathered):
         assert np.array_equal(meter.state()["counts"], at_once.state()["counts"])
         assert meter.summary(n_boot=200) == expected
