@@ -387,7 +387,7 @@ class OutputFolder:
 def _read_checkpoint(checkpoint: str) -> dict[str, bytes]:
     """The checkpoint folder's files (local path or URI) as {name: bytes}, to ship to the replicas.
 
-    A training run's folder stands for its best checkpoint (raysegm.checkpoint.best_checkpoint_of)."""
+    A training run's folder stands for its best checkpoint (raysegm.storage.best_checkpoint_of)."""
     fs, base = filesystem(best_checkpoint_of(checkpoint))
     files = {}
     for name in CHECKPOINT_FILES:
