@@ -52,6 +52,7 @@ def ray_train_throughput(config: ExperimentConfig) -> tuple[float, float]:
 def bare_throughput(config: ExperimentConfig, epochs: int) -> tuple[float, float, float]:
     """Images/s, medians over epochs: with inline data loading, of the optimizer steps alone, and of the
     steps alone on one thread (on an oversubscribed machine, several OpenMP threads can be slower)."""
+    from raysegm.data.context import CONTEXT_COLUMNS, with_context
     from raysegm.data.discover import load_manifest
     from raysegm.data.pipeline import READ_COLUMNS, load_slices, oversample_tumor
     from raysegm.losses import make_loss
@@ -62,12 +63,13 @@ def bare_throughput(config: ExperimentConfig, epochs: int) -> tuple[float, float
     torch.set_num_threads(threads)
     torch.manual_seed(config.train.seed)
     t = config.train
-    model = create_model(config.model, in_channels=config.data.in_channels).train()
+    model = create_model(config.model, in_channels=config.data.model_channels).train()
     optimizer = OPTIMIZERS[t.optimizer](model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     loss_fn = make_loss(t.loss)
     manifest = load_manifest(config.data.manifest)
-    rows = oversample_tumor(manifest[manifest["split"] == "train"].reset_index(drop=True),
-                            config.data.tumor_oversample, t.seed)[READ_COLUMNS]
+    k = config.data.context_slices
+    rows = with_context(manifest[manifest["split"] == "train"].reset_index(drop=True), k)
+    rows = oversample_tumor(rows, config.data.tumor_oversample, t.seed)[READ_COLUMNS + (CONTEXT_COLUMNS if k else [])]
     rng = np.random.default_rng(t.seed)
 
     def step(images: torch.Tensor, masks: torch.Tensor) -> None:

@@ -69,11 +69,12 @@ def save_checkpoint(
     """Write `model`'s weights, `config` and the optional training state into `directory`; returns it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    in_channels = getattr(unwrap(model), "in_channels", config.data.in_channels)
-    if in_channels != config.data.in_channels:
+    in_channels = getattr(unwrap(model), "in_channels", config.data.model_channels)
+    if in_channels != config.data.model_channels:
         raise ValueError(
-            f"save_checkpoint: the model takes {in_channels} input channels, config.data.in_channels says "
-            f"{config.data.in_channels}"
+            f"save_checkpoint: the model takes {in_channels} input channels, config.data says "
+            f"{config.data.model_channels} ({config.data.in_channels} per slice, "
+            f"{config.data.context_slices} context slices each side)"
         )
     if training_state is not None:
         check_weights_only(training_state)
@@ -124,7 +125,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     """
     directory = Path(directory)
     config, summary = load_config_of(directory)
-    in_channels = summary.get("in_channels", config.data.in_channels)
+    in_channels = summary.get("in_channels", config.data.model_channels)
     model = create_model(dataclasses.replace(config.model, encoder_weights="none"), in_channels=in_channels)
     path = _weights_path(directory)
     if path.name == WEIGHTS:

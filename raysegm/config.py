@@ -24,7 +24,8 @@ class DataSettings:
     synthetic_patients: int = 12  # used when neither data_dir nor manifest is given: synthetic data
     synthetic_slices: int = 16  # slices per synthetic patient
     size: int = 256  # square side the slices are resized to (paper 4.1: 256x256)
-    in_channels: int = 3  # pre-contrast, FLAIR, post-contrast
+    in_channels: int = 3  # per slice: pre-contrast, FLAIR, post-contrast
+    context_slices: int = 0  # 2.5D: k neighbouring slices on each side as extra channels (raysegm.data.context)
     normalize: str = "scale"  # "scale": uint8/255, volumes min-max; "volume_zscore": per-volume clip + z-score
     clip_percentiles: tuple[float, float] = (0.5, 99.5)  # for volume_zscore, per channel over the volume
     augment: bool = True  # paper 4.1 augmentation on the training split only
@@ -41,6 +42,11 @@ class DataSettings:
     tumor_oversample: float = 1.0  # sampling weight of tumor slices relative to tumor-free ones
     read_cpus: float = 0.25  # CPUs per Ray Data decode/augment task
     read_tasks: int = 2  # most decode/augment tasks at once (0: no cap); few stay warm across epochs
+
+    @property
+    def model_channels(self) -> int:
+        """Input channels of the model: in_channels for each of the 2 * context_slices + 1 slices."""
+        return self.in_channels * (2 * self.context_slices + 1)
 
 
 @dataclass(frozen=True)

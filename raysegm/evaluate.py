@@ -55,7 +55,8 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     meter can be merged with others (raysegm.cv pools the folds of a cross-validation).
     """
     from raysegm.checkpoint import load_model, model_id
-    from raysegm.data.io import is_missing, read_image, read_mask
+    from raysegm.data.context import read_input, with_context
+    from raysegm.data.io import is_missing, read_mask
     from raysegm.data.preprocess import preprocess_image
     from raysegm.infer import POSTPROCESS, largest_connected_component, probabilities
     from raysegm.metrics import SegmentationMeter
@@ -71,6 +72,7 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     model, config = load_model(checkpoint, device=device)  # in eval mode
     with tempfile.TemporaryDirectory() as scratch:
         slices, manifest_source = _split_slices(config, manifest, data_dir, split, Path(work_dir or scratch))
+    slices = with_context(slices, config.data.context_slices)  # neighbours from every slice, labeled or not
     labeled = slices[~slices["mask_path"].map(is_missing)]
     if labeled.empty:
         raise ValueError(f"{manifest_source}: split {split!r} has no labeled slices to score")
@@ -84,11 +86,7 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
         predicted, truths = [], []
         for start in range(0, len(records), BATCH_SLICES):
             batch = records[start:start + BATCH_SLICES]
-            images = [read_image(record) for record in batch]
-            for record, image in zip(batch, images):
-                if image.shape[-1] != config.data.in_channels:
-                    raise ValueError(f"{record['image_path']}: {image.shape[-1]} channels, the checkpoint "
-                                     f"was trained on {config.data.in_channels}")
+            images = [read_input(record, config.data) for record in batch]
             inputs = torch.from_numpy(np.stack([preprocess_image(image, config.data, record)
                                                 for image, record in zip(images, batch)])).to(device)
             with torch.no_grad():

@@ -80,6 +80,7 @@ from PIL import Image
 from scipy import ndimage
 
 from raysegm.config import DataSettings, InferSettings, from_dict, to_dict
+from raysegm.data.context import CONTEXT_COLUMNS, read_input, with_context
 from raysegm.storage import best_checkpoint_of, filesystem
 
 SCHEMA = pa.schema([
@@ -279,17 +280,17 @@ def read_slices(batch: pd.DataFrame, data: Mapping) -> dict:
     volume_id, slice_index, source, height, width, status ("ok"/"error"), error (the reason, naming the
     file, or ""). An unreadable slice gets a zero image and status "error".
     """
-    from raysegm.data.io import DataError, read_image
+    from raysegm.data.io import DataError
     from raysegm.data.preprocess import preprocess_image
 
     settings = from_dict({"data": dict(data)}).data
-    images = np.zeros((len(batch), settings.in_channels, settings.size, settings.size), dtype=np.float32)
+    images = np.zeros((len(batch), settings.model_channels, settings.size, settings.size), dtype=np.float32)
     status, error = ["ok"] * len(batch), [""] * len(batch)
     height = batch["height"].to_numpy(dtype=np.int32, copy=True)
     width = batch["width"].to_numpy(dtype=np.int32, copy=True)
     for position, record in enumerate(batch.to_dict("records")):
         try:
-            image = read_image(record)
+            image = read_input(record, settings)
             stats = {key: record[key] for key in ("norm_low", "norm_high", "norm_mean", "norm_std")}
             images[position] = preprocess_image(image, settings, stats)
             height[position], width[position] = image.shape[:2]
@@ -537,7 +538,7 @@ def object_store_budget(settings: InferSettings, data: DataSettings) -> int:
     replica and at least 32 MiB, enough to keep every replica fed while the reads wait."""
     if settings.object_store_mb > 0:
         return settings.object_store_mb * 2**20
-    batch_bytes = settings.batch_size * data.in_channels * data.size * data.size * 4
+    batch_bytes = settings.batch_size * data.model_channels * data.size * data.size * 4
     return max(32 * 2**20, 8 * settings.replicas * batch_bytes)
 
 
@@ -547,6 +548,7 @@ def _dataset(slices: pd.DataFrame, files: dict, data: DataSettings, settings: In
 
     columns = ["volume_id", "slice_index", "image_path", "source_format", "source", "height", "width",
                "norm_low", "norm_high", "norm_mean", "norm_std"]
+    columns += CONTEXT_COLUMNS if data.context_slices else []
     table = slices[columns]
     chunks = [table.iloc[start:start + settings.batch_size] for start in range(0, len(table), settings.batch_size)]
     dataset = ray.data.from_pandas(chunks)
@@ -600,7 +602,9 @@ def infer(checkpoint, input, output, settings: InferSettings, *, tta: bool | Non
         config, summary = load_config_of(local_checkpoint)
         model = model_id(local_checkpoint)
         shutil.rmtree(local_checkpoint, ignore_errors=True)
-        in_channels = int(summary.get("in_channels", config.data.in_channels))
+        # the summary names the model's input channels; a 2.5D model takes 2k + 1 slices of them
+        slices_per_input = 2 * config.data.context_slices + 1
+        in_channels = int(summary.get("in_channels", config.data.model_channels)) // slices_per_input
         data = dataclasses.replace(config.data, in_channels=in_channels)
 
         root, prefix = _stage(str(input), staging / "input")
@@ -617,6 +621,7 @@ def infer(checkpoint, input, output, settings: InferSettings, *, tta: bool | Non
             )
         slices = slices.sort_values(["volume_id", "slice_index"], kind="stable").reset_index(drop=True)
         slices["source"] = [_source(path, root, prefix) for path in slices["image_path"]]
+        slices = with_context(slices, data.context_slices)  # before any volume is skipped: whole volumes
         errors = _error_rows(rejects, slices, root, prefix, model)
 
         out = OutputFolder(str(output))

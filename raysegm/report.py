@@ -182,20 +182,25 @@ def predict_patient(checkpoint: str, manifest_path: str, volume_id: str) -> list
     import torch.nn.functional as F
 
     from raysegm.checkpoint import load_model
+    from raysegm.data.context import read_input, with_context
     from raysegm.data.discover import load_manifest
-    from raysegm.data.io import read_image, read_mask
+    from raysegm.data.io import read_mask
     from raysegm.data.preprocess import preprocess_image
 
     model, config = load_model(checkpoint)
     manifest = load_manifest(manifest_path)
-    records = manifest[manifest["volume_id"] == volume_id].sort_values("slice_index").to_dict("records")
+    volume = with_context(manifest[manifest["volume_id"] == volume_id], config.data.context_slices)
+    records = volume.sort_values("slice_index").to_dict("records")
     if not records:
         raise ValueError(f"{manifest_path}: no slices of patient {volume_id!r}")
+    channels, k = config.data.in_channels, config.data.context_slices
+    centre = slice(k * channels, (k + 1) * channels)  # of a 2.5D stack (raysegm.data.context)
     slices = []
     with torch.no_grad():
         for record in records:
-            image = read_image(record)
-            inputs = torch.from_numpy(preprocess_image(image, config.data, record))[None]
+            stack = read_input(record, config.data)
+            inputs = torch.from_numpy(preprocess_image(stack, config.data, record))[None]
+            image = stack[..., centre]  # the slice itself, for display
             probability = torch.sigmoid(model(inputs).float())
             native = F.interpolate(probability, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
             truth = read_mask(record)

@@ -91,6 +91,8 @@ def check_settings(config: ExperimentConfig) -> None:
     if t.batch_size % s.num_workers:
         raise ValueError(f"train.batch_size {t.batch_size} is the global batch and must split evenly "
                          f"across scale.num_workers {s.num_workers}")
+    if config.data.context_slices < 0:
+        raise ValueError(f"data.context_slices must be >= 0, got {config.data.context_slices}")
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -236,7 +238,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
 
-    model = create_model(config.model, in_channels=config.data.in_channels)
+    model = create_model(config.model, in_channels=config.data.model_channels)
     state, restored_from = None, ray.train.get_checkpoint()
     if restored_from is not None:
         with restored_from.as_directory() as checkpoint_dir:

@@ -162,7 +162,7 @@ def test_bad_requests_are_clear_errors(all_test_manifest, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         evaluate_checkpoint(tmp_path / "absent")
     one_channel = make_checkpoint(tmp_path / "gray", all_test_manifest, in_channels=1)
-    with pytest.raises(ValueError, match="3 channels, the checkpoint was trained on 1"):
+    with pytest.raises(ValueError, match="3 channels, the model was trained on 1 per slice"):
         evaluate_checkpoint(one_channel, split="test")
 
 

@@ -51,6 +51,7 @@ def read_history(run_dir: Path) -> pd.DataFrame:
     ("train", {"schedule": "step"}, "train.schedule must be one of"),
     ("train", {"precision": "fp8"}, "train.precision must be one of"),
     ("train", {"batch_size": 7}, "must split evenly across scale.num_workers 2"),
+    ("data", {"context_slices": -1}, "data.context_slices must be >= 0"),
 ])
 def test_settings_the_loop_cannot_honour_are_refused(tmp_path, section, values, message):
     config = demo_config(tmp_path, "refused", **{section: values})

@@ -1,11 +1,12 @@
 """The Ray Data pipeline: manifest rows in, model-ready slices out, streamed.
 
     manifest rows of one split (paths only; small)
+      -> with data.context_slices = k: each row names its 2k neighbours (raysegm.data.context)
       -> train: tumor oversampling, random_shuffle (a new order each epoch, from the seed), blocks
          of ROWS_PER_BLOCK rows
       -> map_batches(num_cpus=data.read_cpus, at most data.read_tasks at once):
-         read + resize + [augment] + scale, in Ray tasks
-      -> rows: image float32 (C, S, S), mask float32 (1, S, S), volume_id str, slice_index int32
+         read (the slice, or its 2.5D stack) + resize + [augment] + scale, in Ray tasks
+      -> rows: image float32 (C, S, S) with C = data.model_channels, mask float32 (1, S, S), volume_id str, slice_index int32
 
 Nothing reads the whole dataset into one process: the driver holds only the manifest, and each Ray
 task decodes ROWS_PER_BLOCK slices. The dataset is re-executed on every pass (epoch), so the shuffle
@@ -27,8 +28,9 @@ import numpy as np
 import pandas as pd
 
 from raysegm.config import DataSettings
+from raysegm.data.context import CONTEXT_COLUMNS, read_input, with_context
 from raysegm.data.discover import STATS_PERCENTILES
-from raysegm.data.io import DataError, read_image, read_mask
+from raysegm.data.io import DataError, read_mask
 from raysegm.data.preprocess import augment as augment_pair
 from raysegm.data.preprocess import build_augmenter, preprocess_mask, resize_image, scale_image
 
@@ -50,14 +52,13 @@ def oversample_tumor(rows: pd.DataFrame, factor: float, seed: int = 0) -> pd.Dat
 
 
 def load_slice(record, data: DataSettings, augmenter=None) -> tuple[np.ndarray, np.ndarray]:
-    """One manifest row -> image (C, S, S) float32 and mask (1, S, S) float32 in {0, 1}, S = data.size.
+    """One manifest row -> image (C, S, S) float32 and mask (1, S, S) float32 in {0, 1}, S = data.size,
+    C = data.model_channels (the slice and its context slices, raysegm.data.context).
 
     The steps of `preprocess_image` / `preprocess_mask`, with the augmentation (when an augmenter from
     `build_augmenter` is given) between the resize and the scaling.
     """
-    image = read_image(record)
-    if image.shape[-1] != data.in_channels:
-        raise DataError(record["image_path"], f"{image.shape[-1]} channels, the model takes {data.in_channels}")
+    image = read_input(record, data)
     mask = read_mask(record)
     if mask is None:
         raise DataError(record["image_path"], "no mask: only labeled slices can be trained or validated on")
@@ -75,7 +76,7 @@ def load_slices(batch: pd.DataFrame, data: DataSettings, augment: bool) -> dict[
     (B,) int32. Augmentation, when on, draws fresh entropy for each batch.
     """
     augmenter = build_augmenter(data, seed=int(np.random.SeedSequence().generate_state(1)[0])) if augment else None
-    images = np.empty((len(batch), data.in_channels, data.size, data.size), dtype=np.float32)
+    images = np.empty((len(batch), data.model_channels, data.size, data.size), dtype=np.float32)
     masks = np.empty((len(batch), 1, data.size, data.size), dtype=np.float32)
     for i, record in enumerate(batch.to_dict("records")):
         images[i], masks[i] = load_slice(record, data, augmenter)
@@ -109,7 +110,7 @@ def build_dataset(manifest: pd.DataFrame, split: str, data: DataSettings, *, aug
     """A streaming ray.data.Dataset of one split of the manifest (see the module docstring).
 
     Rows: image float32 (C, S, S), mask float32 (1, S, S), volume_id str, slice_index int32, with
-    S = data.size and C = data.in_channels. `augment` applies to the "train" split only; callers pass
+    S = data.size and C = data.model_channels. `augment` applies to the "train" split only; callers pass
     data.augment. Raises ValueError for an empty split, a split holding unlabeled slices, or
     data.clip_percentiles other than the manifest statistics' where those statistics are used.
     """
@@ -128,11 +129,11 @@ def build_dataset(manifest: pd.DataFrame, split: str, data: DataSettings, *, aug
     if uses_stats and tuple(data.clip_percentiles) != STATS_PERCENTILES:
         raise ValueError(f"data.clip_percentiles {tuple(data.clip_percentiles)}: the manifest's volume "
                          f"statistics are at the {STATS_PERCENTILES} percentiles")
-    rows = rows.reset_index(drop=True)
+    rows = with_context(rows.reset_index(drop=True), data.context_slices)
     training = split == "train"
     if training:
         rows = oversample_tumor(rows, data.tumor_oversample, seed)
-    rows = rows[READ_COLUMNS]
+    rows = rows[READ_COLUMNS + (CONTEXT_COLUMNS if data.context_slices else [])]
     if training:
         # The manifest rows are one small block: shuffling it is one cheap task per epoch, where a
         # shuffle of many blocks costs two tasks per block; the streaming repartition then cuts it up.

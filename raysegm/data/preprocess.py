@@ -75,16 +75,24 @@ def scale_image(image: np.ndarray, data: DataSettings, stats: Mapping | None) ->
     else:
         if stats is None:
             stats = volume_stats(image[None], data.clip_percentiles)
-        low = np.asarray(stats["norm_low"], dtype=np.float32)
-        high = np.asarray(stats["norm_high"], dtype=np.float32)
+        low, high = _per_channel(stats, "norm_low", image), _per_channel(stats, "norm_high", image)
         clipped = np.clip(pixels, low, high)
         if data.normalize == "scale":
             scaled = (clipped - low) / np.maximum(high - low, 1e-6)
         else:
-            mean = np.asarray(stats["norm_mean"], dtype=np.float32)
-            std = np.asarray(stats["norm_std"], dtype=np.float32)
+            mean, std = _per_channel(stats, "norm_mean", image), _per_channel(stats, "norm_std", image)
             scaled = (clipped - mean) / np.where(std > 1e-6, std, 1.0)
     return np.ascontiguousarray(scaled.transpose(2, 0, 1), dtype=np.float32)
+
+
+def _per_channel(stats: Mapping, key: str, image: np.ndarray) -> np.ndarray:
+    """stats[key] for each channel of `image`; a 2.5D stack (raysegm.data.context) repeats the volume's
+    per-slice statistics once per stacked slice."""
+    values = np.asarray(stats[key], dtype=np.float32).reshape(-1)
+    channels = image.shape[-1]
+    if channels % len(values):
+        raise ValueError(f"{key}: {len(values)} per-channel values for an image of {channels} channels")
+    return np.tile(values, channels // len(values))
 
 
 def preprocess_image(image: np.ndarray, data: DataSettings, stats: Mapping | None = None) -> np.ndarray:
