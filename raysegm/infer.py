@@ -8,8 +8,9 @@ over the whole volume while the job still streams. The plan:
     -> ray.data.from_pandas(slice rows)   blocks of `batch_size` slices, ordered by volume, then slice
     -> read_slices                        Ray tasks (num_cpus = read_cpus, at most read_tasks at once):
                                           read, decode, preprocess
-                                          exactly as training did; an unreadable slice becomes an
-                                          error row here and the job goes on
+                                          exactly as training did (a 2.5D checkpoint reads each slice
+                                          with its neighbours, raysegm.data.context); an unreadable
+                                          slice becomes an error row here and the job goes on
     -> SegmentationPredictor              map_batches on an actor pool (one model replica per actor,
                                           `replicas` actors with cpus/gpus_per_replica): probabilities
                                           (optionally averaged with the horizontally flipped input),
