@@ -3,7 +3,8 @@
 Each slice is read (with its neighbours for a 2.5D checkpoint, raysegm.data.context) and preprocessed
 exactly as the checkpoint's own config.json says (raysegm.data.preprocess), predicted at the model's
 size, and its probabilities are resized back to the slice's own resolution before thresholding, so
-every metric, HD95 included, is measured against the original mask in the input's own pixels. Plain torch in one process: a split is small.
+every metric, HD95 included, is measured against the original mask in the input's own pixels. Plain
+torch in one process: a split is small.
 """
 
 from __future__ import annotations

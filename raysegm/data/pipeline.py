@@ -6,7 +6,8 @@
          of ROWS_PER_BLOCK rows
       -> map_batches(num_cpus=data.read_cpus, at most data.read_tasks at once):
          read (the slice, or its 2.5D stack) + resize + [augment] + scale, in Ray tasks
-      -> rows: image float32 (C, S, S) with C = data.model_channels, mask float32 (1, S, S), volume_id str, slice_index int32
+      -> rows: image float32 (C, S, S) with C = data.model_channels, mask float32 (1, S, S),
+         volume_id str, slice_index int32
 
 Nothing reads the whole dataset into one process: the driver holds only the manifest, and each Ray
 task decodes ROWS_PER_BLOCK slices. The dataset is re-executed on every pass (epoch), so the shuffle
