@@ -52,7 +52,7 @@ def ray_train_throughput(config: ExperimentConfig) -> tuple[float, float]:
 def bare_throughput(config: ExperimentConfig, epochs: int) -> tuple[float, float, float]:
     """Images/s, medians over epochs: with inline data loading, of the optimizer steps alone, and of the
     steps alone on one thread (on an oversubscribed machine, several OpenMP threads can be slower)."""
-    from raysegm.data.context import CONTEXT_COLUMNS, with_context
+    from raysegm.data.context import context_columns, with_context
     from raysegm.data.discover import load_manifest
     from raysegm.data.pipeline import READ_COLUMNS, load_slices, oversample_tumor
     from raysegm.losses import make_loss
@@ -69,7 +69,7 @@ def bare_throughput(config: ExperimentConfig, epochs: int) -> tuple[float, float
     manifest = load_manifest(config.data.manifest)
     k = config.data.context_slices
     rows = with_context(manifest[manifest["split"] == "train"].reset_index(drop=True), k)
-    rows = oversample_tumor(rows, config.data.tumor_oversample, t.seed)[READ_COLUMNS + (CONTEXT_COLUMNS if k else [])]
+    rows = oversample_tumor(rows, config.data.tumor_oversample, t.seed)[READ_COLUMNS + context_columns(k)]
     rng = np.random.default_rng(t.seed)
 
     def step(images: torch.Tensor, masks: torch.Tensor) -> None:

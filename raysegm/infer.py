@@ -81,7 +81,7 @@ from PIL import Image
 from scipy import ndimage
 
 from raysegm.config import DataSettings, InferSettings, from_dict, to_dict
-from raysegm.data.context import CONTEXT_COLUMNS, read_input, with_context
+from raysegm.data.context import context_columns, read_input, with_context
 from raysegm.storage import best_checkpoint_of, filesystem
 
 SCHEMA = pa.schema([
@@ -549,7 +549,7 @@ def _dataset(slices: pd.DataFrame, files: dict, data: DataSettings, settings: In
 
     columns = ["volume_id", "slice_index", "image_path", "source_format", "source", "height", "width",
                "norm_low", "norm_high", "norm_mean", "norm_std"]
-    columns += CONTEXT_COLUMNS if data.context_slices else []
+    columns += context_columns(data.context_slices)
     table = slices[columns]
     chunks = [table.iloc[start:start + settings.batch_size] for start in range(0, len(table), settings.batch_size)]
     dataset = ray.data.from_pandas(chunks)

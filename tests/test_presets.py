@@ -25,10 +25,10 @@ def test_preset_is_valid(path):
     check_settings(config)
     make_loss(config.train.loss)
     # no download here: the ImageNet encoder is the same network with other numbers in it
-    model = create_model(replace(config, model={"encoder_weights": "none"}).model, config.data.in_channels)
+    model = create_model(replace(config, model={"encoder_weights": "none"}).model, config.data.model_channels)
     # twice the deepest downsampling (2**depth) of either network family: a side every variant accepts
     side = 2 ** max(config.model.encoder_depth, config.model.unet_depth) * 2
     with torch.no_grad():
-        logits = model.eval()(torch.zeros(1, config.data.in_channels, side, side))
+        logits = model.eval()(torch.zeros(1, config.data.model_channels, side, side))
     assert logits.shape == (1, 1, side, side)
     assert config.data.size % side == 0, "the slice size must be divisible by the network's downsampling"

@@ -26,6 +26,11 @@ from raysegm.data.io import DataError, read_image
 CONTEXT_COLUMNS = ["context_paths", "context_slices"]
 
 
+def context_columns(k: int) -> list[str]:
+    """The columns `with_context(rows, k)` adds: CONTEXT_COLUMNS, or none for plain 2D input (k = 0)."""
+    return CONTEXT_COLUMNS if k else []
+
+
 def with_context(rows: pd.DataFrame, k: int) -> pd.DataFrame:
     """A copy of `rows` with CONTEXT_COLUMNS: the image_path and slice_index of slices s-k..s+k of each
     row's volume (by position in slice order, clamped at the ends). k = 0 returns `rows` unchanged.
@@ -69,11 +74,16 @@ def read_input(record: Mapping, data: DataSettings) -> np.ndarray:
     else:
         raise ValueError(f"{record['image_path']}: data.context_slices is {data.context_slices} but the row "
                          "has no context columns (prepare the rows with raysegm.data.context.with_context)")
-    centre = read_image(record)
-    images = []
+    sources = [(str(path), int(index)) for path, index in sources]
+    reads = {}  # an edge slice repeats in the stack but is read once
     for path, index in sources:
-        image = centre if (path, int(index)) == (record["image_path"], int(record["slice_index"])) else \
-            read_image({**record, "image_path": path, "slice_index": int(index)})
+        if (path, index) not in reads:
+            reads[path, index] = read_image({**record, "image_path": path, "slice_index": index})
+    centre = reads[str(record["image_path"]), int(record["slice_index"])]
+    images = []
+    for source in sources:
+        image = reads[source]
+        path = source[0]
         if image.shape[-1] != data.in_channels:
             raise DataError(path, f"{image.shape[-1]} channels, the model was trained on {data.in_channels} "
                                   "per slice")

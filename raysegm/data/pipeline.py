@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from raysegm.config import DataSettings
-from raysegm.data.context import CONTEXT_COLUMNS, read_input, with_context
+from raysegm.data.context import context_columns, read_input, with_context
 from raysegm.data.discover import STATS_PERCENTILES
 from raysegm.data.io import DataError, read_mask
 from raysegm.data.preprocess import augment as augment_pair
@@ -134,7 +134,7 @@ def build_dataset(manifest: pd.DataFrame, split: str, data: DataSettings, *, aug
     training = split == "train"
     if training:
         rows = oversample_tumor(rows, data.tumor_oversample, seed)
-    rows = rows[READ_COLUMNS + (CONTEXT_COLUMNS if data.context_slices else [])]
+    rows = rows[READ_COLUMNS + context_columns(data.context_slices)]
     if training:
         # The manifest rows are one small block: shuffling it is one cheap task per epoch, where a
         # shuffle of many blocks costs two tasks per block; the streaming repartition then cuts it up.
