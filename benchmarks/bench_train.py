@@ -6,12 +6,12 @@ Ray Train: `raysegm.train.train` as users run it (Ray Data streaming decode + au
 images/s is each epoch's training images over rank 0's training-loop time (validation excluded), the
 median over epochs after the first (which pays for worker and pipeline start-up).
 Bare loop: one process with as many torch threads as the Ray run uses in total
-(num_workers x torch_threads), the same model, loss, optimizer, global batch and oversampled, shuffled
-training rows; each batch is read and augmented inline by the very function Ray Data runs
-(raysegm.data.pipeline.load_slices), then one optimizer step. "compute only" repeats the steps on
-batches prepared beforehand, the ceiling for any data pipeline, and once more on one thread: on a
-machine whose cores are oversubscribed, OpenMP threads waiting on each other can make several threads
-slower than one.
+(num_workers x torch_threads), the same model, loss, optimizer, autocast (train.precision), memory
+format (train.channels_last), global batch and oversampled, shuffled training rows; each batch is read
+and augmented inline by the very function Ray Data runs (raysegm.data.pipeline.load_slices), then one
+optimizer step. "compute only" repeats the steps on batches prepared beforehand, the ceiling for any
+data pipeline, and once more on one thread: on a machine whose cores are oversubscribed, OpenMP threads
+waiting on each other can make several threads slower than one.
 """
 
 from __future__ import annotations
@@ -57,13 +57,14 @@ def bare_throughput(config: ExperimentConfig, epochs: int) -> tuple[float, float
     from raysegm.data.pipeline import READ_COLUMNS, load_slices, oversample_tumor
     from raysegm.losses import make_loss
     from raysegm.models import create_model
-    from raysegm.train import OPTIMIZERS
+    from raysegm.train import OPTIMIZERS, PRECISIONS
 
     threads = config.scale.num_workers * config.scale.torch_threads
     torch.set_num_threads(threads)
     torch.manual_seed(config.train.seed)
     t = config.train
-    model = create_model(config.model, in_channels=config.data.model_channels).train()
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    model = create_model(config.model, in_channels=config.data.model_channels).train().to(memory_format=memory_format)
     optimizer = OPTIMIZERS[t.optimizer](model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     loss_fn = make_loss(t.loss)
     manifest = load_manifest(config.data.manifest)
@@ -74,7 +75,9 @@ def bare_throughput(config: ExperimentConfig, epochs: int) -> tuple[float, float
 
     def step(images: torch.Tensor, masks: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(images), masks).backward()
+        with torch.autocast("cpu", dtype=PRECISIONS[t.precision], enabled=PRECISIONS[t.precision] is not None):
+            loss = loss_fn(model(images.contiguous(memory_format=memory_format)), masks)
+        loss.backward()
         optimizer.step()
 
     with_data, compute_only = [], []
@@ -115,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         config = replace(config, data={"manifest": str(Path(storage) / "data" / "manifest.parquet")})
         s = config.scale
         print(f"{config.model.variant} at {config.data.size} px, global batch {config.train.batch_size}, "
-              f"{args.epochs} epochs; Ray: {s.num_workers} workers x {s.torch_threads} torch threads at "
-              f"{s.cpus_per_worker} CPU; bare loop: {s.num_workers * s.torch_threads} threads; "
+              f"{config.train.precision}, channels_last {config.train.channels_last}, {args.epochs} epochs; "
+              f"Ray: {s.num_workers} workers x {s.torch_threads} torch threads at {s.cpus_per_worker} CPU; "
+              f"bare loop: {s.num_workers * s.torch_threads} threads; "
               f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
         # The bare loop first: a Ray instance winding down would compete for the cores.
         bare_rate, compute_rate, one_thread_rate = bare_throughput(config, args.epochs)

@@ -76,6 +76,7 @@ class TrainSettings:
     epochs: int = 20  # paper 4.3.1
     batch_size: int = 16  # global batch, split across workers (paper 4.3.1)
     precision: str = "fp32"  # fp32, bf16 or fp16 autocast (fp16 only on CUDA)
+    channels_last: bool = False  # NHWC model and batches (torch.channels_last): faster convolutions on CPU and CUDA
     seed: int = 0  # model init, sampling and augmentation
 
 

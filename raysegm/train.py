@@ -239,13 +239,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     np.random.seed(t.seed)
 
     model = create_model(config.model, in_channels=config.data.model_channels)
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     state, restored_from = None, ray.train.get_checkpoint()
     if restored_from is not None:
         with restored_from.as_directory() as checkpoint_dir:
             restored_model, _ = load_model(checkpoint_dir, device="cpu")
             model.load_state_dict(restored_model.state_dict())
             state = load_training_state(checkpoint_dir)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model.to(memory_format=memory_format))
     network = unwrap(model)
     optimizer = OPTIMIZERS[t.optimizer]([p for p in model.parameters() if p.requires_grad],
                                         lr=t.lr, weight_decay=t.weight_decay)
@@ -273,7 +274,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of per-image loss, images) for the global mean
         for batch in train_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy"):
-            images = torch.tensor(batch["image"], device=device)  # a copy: Ray's arrays are read-only
+            # A copy (Ray's arrays are read-only), in the model's memory format.
+            images = torch.tensor(batch["image"], device=device).contiguous(memory_format=memory_format)
             masks = torch.tensor(batch["mask"], device=device)
             with _autocast(t.precision, device):
                 loss = loss_fn(model(images), masks)
@@ -298,7 +300,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report({"epoch": epoch, "train_loss": train_loss})
             continue
         val = validate(network, val_shard, val_counts, batch_size=t.batch_size, device=device,
-                       precision=t.precision)
+                       precision=t.precision, memory_format=memory_format)
         row = {"epoch": epoch, "train_loss": train_loss, **val, "lr": lr,
                "epoch_time_s": time.perf_counter() - started,
                "train_images_per_s": float(loss_sum[1]) / max(train_time, 1e-9)}
@@ -332,7 +334,8 @@ def _autocast(precision: str, device: torch.device):
 
 
 def validate(network: torch.nn.Module, val_shard, val_counts: dict[str, int], *, batch_size: int,
-             device: torch.device, precision: str = "fp32") -> dict:
+             device: torch.device, precision: str = "fp32",
+             memory_format: torch.memory_format = torch.contiguous_format) -> dict:
     """Score every slice of every validation patient (metric contract) -> headline numbers.
 
     `val_counts` maps volume_id -> number of its slices in the manifest: a patient that arrives
@@ -344,7 +347,7 @@ def validate(network: torch.nn.Module, val_shard, val_counts: dict[str, int], *,
     network.eval()
     with torch.no_grad():
         for batch in val_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            images = torch.tensor(batch["image"], device=device)
+            images = torch.tensor(batch["image"], device=device).contiguous(memory_format=memory_format)
             with _autocast(precision, device):
                 probabilities = torch.sigmoid(network(images).float())
             meter.update([str(v) for v in batch["volume_id"]], batch["slice_index"].tolist(),

@@ -210,3 +210,30 @@ def test_a_finished_run_resumes_from_its_storage_path(demo_run, tmp_path):
     pd.testing.assert_frame_equal(history.iloc[:-1], read_history(run_dir))
     # ... and the new epoch trained on from the restored weights and optimizer, not from scratch
     assert history["train_loss"].iloc[-1] < 0.6 * history["train_loss"].iloc[0]
+
+
+@pytest.mark.slow
+def test_bf16_channels_last_trains_like_fp32(demo_run, tmp_path):
+    """The CPU speed switches of cpu-small (bf16 autocast, NHWC) change the arithmetic, not the training:
+    the same seed gives the fp32 run's epoch-1 loss, and the checkpoint is a plain one."""
+    from safetensors.torch import load_file
+
+    from raysegm.checkpoint import WEIGHTS, load_model
+    from raysegm.evaluate import evaluate_checkpoint
+
+    fast = replace(demo_config(tmp_path, "bf16-nhwc"), train={"epochs": 2, "precision": "bf16", "channels_last": True})
+    summary = train(fast)
+    history = read_history(tmp_path / "bf16-nhwc")
+    fp32 = demo_run["history_at_kill"]  # the fp32 run's first epochs, before its worker was killed
+    print(f"epoch-1 train loss: fp32 {fp32['train_loss'].iloc[0]:.4f}, bf16 + channels_last "
+          f"{history['train_loss'].iloc[0]:.4f}")
+    assert history["train_loss"].iloc[0] == pytest.approx(fp32["train_loss"].iloc[0], rel=0.03)
+    assert history["train_loss"].iloc[1] < history["train_loss"].iloc[0]
+    latest = Path(summary["latest_checkpoint"])
+    weights = load_file(str(latest / WEIGHTS))
+    assert all(tensor.is_contiguous() for tensor in weights.values())  # NCHW on disk, loadable anywhere
+    model, config = load_model(latest)
+    assert config.train.channels_last and next(model.parameters()).is_contiguous()
+    # evaluate (fp32, NCHW) reproduces the loop's own bf16 validation of that epoch, to bf16's rounding
+    scored = evaluate_checkpoint(latest, split="val")
+    assert scored["per_patient"]["dice"]["mean"] == pytest.approx(history[VAL_METRIC].iloc[-1], abs=0.02)
