@@ -1,13 +1,13 @@
 """Training-step speed of autocast precision x memory format, against the plain fp32 NCHW step.
 
-    python benchmarks/bench_precision.py --config configs/cpu-small.yaml [--batch 8] [--steps 6] [--threads 1]
+    python benchmarks/bench_precision.py --config configs/cpu-small.yaml [--batch 8] [--steps 8] [--threads 1]
 
 The preset's model, loss and optimizer take the same optimizer steps on the same random batches
-(64-pixel square "tumors" in noise) in one process, four ways: fp32 or bf16 autocast (train.precision),
-NCHW or NHWC (train.channels_last). Every way starts from the same initial weights; the loss after
-the timed steps says whether the faster arithmetic still trains the same model. One thread is what each
-Ray Train worker of the CPU presets runs (scale.torch_threads). bf16 is fast only on CPUs with native
-bf16 instructions (avx512_bf16, AMX); elsewhere it can be slower than fp32.
+(bright squares a quarter of the side wide, in noise) in one process, four ways: fp32 or bf16 autocast
+(train.precision), NCHW or NHWC (train.channels_last). Every way starts from the same initial weights;
+the loss after the timed steps says whether the faster arithmetic still trains the same model. One
+thread is what each Ray Train worker of the CPU presets runs (scale.torch_threads). bf16 is fast only on
+CPUs with native bf16 instructions (avx512_bf16, AMX); elsewhere it can be slower than fp32.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raysegm.config import load_config  # noqa: E402
 from raysegm.losses import make_loss  # noqa: E402
 from raysegm.models import create_model  # noqa: E402
-from raysegm.train import OPTIMIZERS, PRECISIONS  # noqa: E402
+from raysegm.train import OPTIMIZERS, autocast, memory_format_of  # noqa: E402
 
 
 def batches(n: int, batch: int, channels: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -45,15 +45,14 @@ def batches(n: int, batch: int, channels: int, size: int) -> list[tuple[torch.Te
 def run(initial: torch.nn.Module, config, data, precision: str, channels_last: bool) -> tuple[float, float]:
     """(median images/s over the timed steps, loss of the last step)."""
     t = config.train
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = memory_format_of(channels_last)
     model = copy.deepcopy(initial).train().to(memory_format=memory_format)
     optimizer = OPTIMIZERS[t.optimizer](model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     loss_fn = make_loss(t.loss)
-    dtype = PRECISIONS[precision]
     rates, loss = [], torch.zeros(())
     for step, (images, masks) in enumerate(data):
         started = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        with autocast(precision, torch.device("cpu")):
             loss = loss_fn(model(images.contiguous(memory_format=memory_format)), masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

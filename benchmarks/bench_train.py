@@ -57,13 +57,13 @@ def bare_throughput(config: ExperimentConfig, epochs: int) -> tuple[float, float
     from raysegm.data.pipeline import READ_COLUMNS, load_slices, oversample_tumor
     from raysegm.losses import make_loss
     from raysegm.models import create_model
-    from raysegm.train import OPTIMIZERS, PRECISIONS
+    from raysegm.train import OPTIMIZERS, autocast, memory_format_of
 
     threads = config.scale.num_workers * config.scale.torch_threads
     torch.set_num_threads(threads)
     torch.manual_seed(config.train.seed)
     t = config.train
-    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    memory_format = memory_format_of(t.channels_last)
     model = create_model(config.model, in_channels=config.data.model_channels).train().to(memory_format=memory_format)
     optimizer = OPTIMIZERS[t.optimizer](model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     loss_fn = make_loss(t.loss)
@@ -75,7 +75,7 @@ def bare_throughput(config: ExperimentConfig, epochs: int) -> tuple[float, float
 
     def step(images: torch.Tensor, masks: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=PRECISIONS[t.precision], enabled=PRECISIONS[t.precision] is not None):
+        with autocast(t.precision, torch.device("cpu")):
             loss = loss_fn(model(images.contiguous(memory_format=memory_format)), masks)
         loss.backward()
         optimizer.step()

@@ -239,7 +239,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     np.random.seed(t.seed)
 
     model = create_model(config.model, in_channels=config.data.model_channels)
-    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    memory_format = memory_format_of(t.channels_last)
     state, restored_from = None, ray.train.get_checkpoint()
     if restored_from is not None:
         with restored_from.as_directory() as checkpoint_dir:
@@ -277,7 +277,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # A copy (Ray's arrays are read-only), in the model's memory format.
             images = torch.tensor(batch["image"], device=device).contiguous(memory_format=memory_format)
             masks = torch.tensor(batch["mask"], device=device)
-            with _autocast(t.precision, device):
+            with autocast(t.precision, device):
                 loss = loss_fn(model(images), masks)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -327,7 +327,13 @@ def _quiet_report_lines() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _autocast(precision: str, device: torch.device):
+def memory_format_of(channels_last: bool) -> torch.memory_format:
+    """torch.channels_last (NHWC) when train.channels_last, else PyTorch's default NCHW layout."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of train.precision (none for fp32) on `device`."""
     if PRECISIONS[precision] is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
@@ -348,7 +354,7 @@ def validate(network: torch.nn.Module, val_shard, val_counts: dict[str, int], *,
     with torch.no_grad():
         for batch in val_shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
             images = torch.tensor(batch["image"], device=device).contiguous(memory_format=memory_format)
-            with _autocast(precision, device):
+            with autocast(precision, device):
                 probabilities = torch.sigmoid(network(images).float())
             meter.update([str(v) for v in batch["volume_id"]], batch["slice_index"].tolist(),
                          probabilities.cpu(), batch["mask"])
