@@ -34,6 +34,11 @@ class DataSettings:
     zoom_limit: float = 0.2  # +-20%
     shear_limit: float = 10.0  # degrees (the paper gives no value)
     hflip: bool = True
+    intensity_augment: float = 0.0  # training only: chance of each of brightness, contrast, gamma, per sequence
+    brightness_limit: float = 0.25  # intensities multiplied by 1 +- this
+    contrast_limit: float = 0.25  # deviations from the sequence's mean multiplied by 1 +- this
+    gamma_limit: tuple[float, float] = (0.7, 1.5)  # gamma drawn from this range, on the sequence's own range
+    sequence_dropout: float = 0.0  # training only: chance that pre- or post-contrast (each alone) becomes FLAIR
     split_seed: int = 0  # the patient-level split is a function of this seed alone
     val_fraction: float = 0.2  # 60/20/20 by patient
     test_fraction: float = 0.2

@@ -93,6 +93,12 @@ def check_settings(config: ExperimentConfig) -> None:
                          f"across scale.num_workers {s.num_workers}")
     if config.data.context_slices < 0:
         raise ValueError(f"data.context_slices must be >= 0, got {config.data.context_slices}")
+    for key in ("intensity_augment", "sequence_dropout"):
+        if not 0 <= getattr(config.data, key) <= 1:
+            raise ValueError(f"data.{key} is a probability in [0, 1], got {getattr(config.data, key)}")
+    if config.data.sequence_dropout and config.data.in_channels != 3:
+        raise ValueError("data.sequence_dropout needs the three sequences pre-contrast, FLAIR, post-contrast "
+                         f"(data.in_channels 3), got {config.data.in_channels}")
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -11,9 +11,10 @@ import pytest
 from raysegm.config import DataSettings
 from raysegm.data.discover import prepare
 from raysegm.data.io import read_image, read_mask
-from raysegm.data.pipeline import build_dataset, load_slice, oversample_tumor
+from raysegm.data.pipeline import build_dataset, load_slice, load_slices, oversample_tumor
 from raysegm.data.preprocess import (
     augment,
+    augment_intensity,
     build_augmenter,
     preprocess_image,
     preprocess_mask,
@@ -121,6 +122,80 @@ def test_augment_follows_the_limits():
     assert all(0.6 * mask.sum() <= a <= 1.5 * mask.sum() for a in areas)
 
 
+def _scaled_stack(slices=1, seed=0):
+    """A z-scored-looking (3 * slices, 16, 16) image whose three sequences differ."""
+    rng = np.random.default_rng(seed)
+    offsets = np.tile([0.0, 1.0, -1.0], slices)[:, None, None]
+    return (rng.normal(size=(3 * slices, 16, 16)) + offsets).astype(np.float32)
+
+
+def test_intensity_augment_off_is_the_identity_and_never_writes_into_its_input():
+    image = _scaled_stack()
+    kept = image.copy()
+    out = augment_intensity(image, DataSettings(), np.random.default_rng(0))
+    np.testing.assert_array_equal(out, kept)
+    augment_intensity(image, DataSettings(intensity_augment=1.0, sequence_dropout=1.0), np.random.default_rng(0))
+    np.testing.assert_array_equal(image, kept)
+
+
+def test_brightness_scales_each_sequence_by_one_factor_in_every_stacked_slice():
+    image = _scaled_stack(slices=3)  # 2.5D: three slices of three sequences
+    data = DataSettings(intensity_augment=1.0, contrast_limit=0.0, gamma_limit=(1.0, 1.0), brightness_limit=0.25)
+    out = augment_intensity(image, data, np.random.default_rng(1))
+    x, y = image.reshape(3, 3, -1), out.reshape(3, 3, -1)  # (slice, sequence, pixel)
+    factors = []
+    for sequence in range(3):
+        factor = float((x[:, sequence] * y[:, sequence]).sum() / (x[:, sequence] ** 2).sum())  # least squares
+        np.testing.assert_allclose(y[:, sequence], factor * x[:, sequence], atol=1e-5)
+        assert 0.75 <= factor <= 1.25
+        factors.append(factor)
+    assert len({round(f, 4) for f in factors}) == 3, "one draw per sequence"
+
+
+def test_gamma_by_hand_on_the_sequence_range():
+    image = _scaled_stack(slices=2)
+    data = DataSettings(intensity_augment=1.0, brightness_limit=0.0, contrast_limit=0.0, gamma_limit=(2.0, 2.0))
+    out = augment_intensity(image, data, np.random.default_rng(0))
+    stack = image.reshape(2, 3, 16, 16)
+    for sequence in range(3):
+        x = stack[:, sequence].astype(np.float64)
+        lo, hi = x.min(), x.max()
+        expected = lo + (hi - lo) * ((x - lo) / (hi - lo)) ** 2
+        np.testing.assert_allclose(out.reshape(2, 3, 16, 16)[:, sequence], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_contrast_scales_deviations_from_the_mean_within_the_range():
+    image = _scaled_stack()
+    data = DataSettings(intensity_augment=1.0, brightness_limit=0.0, gamma_limit=(1.0, 1.0), contrast_limit=0.5)
+    for seed in range(6):
+        out = augment_intensity(image, data, np.random.default_rng(seed))
+        for sequence in range(3):
+            x, y = image[sequence], out[sequence]
+            inside = (y > x.min()) & (y < x.max())  # not clipped
+            dx, dy = (x - x.mean())[inside], (y - x.mean())[inside]
+            factor = float((dx * dy).sum() / (dx**2).sum())  # least squares
+            np.testing.assert_allclose(dy, factor * dx, atol=1e-5)
+            assert 0.5 <= factor <= 1.5
+            assert y.min() >= x.min() - 1e-6 and y.max() <= x.max() + 1e-6
+
+
+def test_sequence_dropout_copies_flair_into_pre_and_post_contrast():
+    image = _scaled_stack(slices=3)
+    out = augment_intensity(image, DataSettings(sequence_dropout=1.0), np.random.default_rng(0)).reshape(3, 3, 16, 16)
+    stack = image.reshape(3, 3, 16, 16)
+    for sequence in range(3):
+        np.testing.assert_array_equal(out[:, sequence], stack[:, 1])
+    # at 0.5 each sequence is dropped on its own: all four outcomes occur, FLAIR itself always kept
+    outcomes = set()
+    for seed in range(40):
+        out = augment_intensity(image, DataSettings(sequence_dropout=0.5), np.random.default_rng(seed)).reshape(3, 3, 16, 16)
+        np.testing.assert_array_equal(out[:, 1], stack[:, 1])
+        outcomes.add(tuple(bool(np.array_equal(out[:, q], stack[:, 1])) for q in (0, 2)))
+    assert outcomes == {(False, False), (False, True), (True, False), (True, True)}
+    with pytest.raises(ValueError, match="in_channels 1"):
+        augment_intensity(image[:1], DataSettings(in_channels=1, sequence_dropout=0.5), np.random.default_rng(0))
+
+
 # ---------------------------------------------------------------------------------------------------
 # tumor oversampling (pure pandas)
 
@@ -159,7 +234,7 @@ def synth_manifest(synth_dir, tmp_path_factory):
 
 def test_lgg_validation_split_streams_every_slice_once_preprocessed(ray_session, lgg_sample, tmp_path):
     manifest, _ = prepare(lgg_sample, tmp_path / "manifest.parquet")
-    data = DataSettings(size=64)
+    data = DataSettings(size=64, intensity_augment=1.0, sequence_dropout=1.0)  # training-only: never here
     rows = manifest[manifest["split"] == "val"].reset_index(drop=True)
     out = _collect(build_dataset(manifest, "val", data, augment=True))
     assert out["image"].shape == (len(rows), 3, 64, 64) and out["image"].dtype == np.float32
@@ -194,6 +269,16 @@ def test_train_split_oversamples_shuffles_and_augments_per_epoch(ray_session, sy
     key = (rows["volume_id"].iloc[0], rows["slice_index"].iloc[0])
     images = [o["image"][[(v, s) == key for v, s in zip(o["volume_id"], o["slice_index"])]][0] for o in epochs]
     assert not np.array_equal(images[0], images[1])
+
+
+def test_the_training_batches_get_sequence_dropout_and_evaluation_batches_do_not(synth_manifest):
+    rows = synth_manifest[synth_manifest["split"] == "train"].head(6)
+    data = DataSettings(size=64, sequence_dropout=1.0)
+    dropped = load_slices(rows, data, augment=True)["image"]
+    np.testing.assert_array_equal(dropped[:, 0], dropped[:, 1])
+    np.testing.assert_array_equal(dropped[:, 2], dropped[:, 1])
+    plain = load_slices(rows, data, augment=False)["image"]
+    assert not np.array_equal(plain[:, 0], plain[:, 1]) and not np.array_equal(plain[:, 2], plain[:, 1])
 
 
 def test_train_split_without_augmentation_is_the_plain_preprocessing(ray_session, synth_manifest):

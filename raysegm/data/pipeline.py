@@ -5,7 +5,8 @@
       -> train: tumor oversampling, random_shuffle (a new order each epoch, from the seed), blocks
          of ROWS_PER_BLOCK rows
       -> map_batches(num_cpus=data.read_cpus, at most data.read_tasks at once):
-         read (the slice, or its 2.5D stack) + resize + [augment] + scale, in Ray tasks
+         read (the slice, or its 2.5D stack) + resize + [augment] + scale + [intensity augment],
+         in Ray tasks
       -> rows: image float32 (C, S, S) with C = data.model_channels, mask float32 (1, S, S),
          volume_id str, slice_index int32
 
@@ -13,7 +14,8 @@ Nothing reads the whole dataset into one process: the driver holds only the mani
 task decodes ROWS_PER_BLOCK slices. The dataset is re-executed on every pass (epoch), so the shuffle
 order and the augmentation differ between epochs.
 
-- Training split: paper 4.1 augmentation when `augment` is true (raysegm.data.preprocess); tumor
+- Training split: paper 4.1 augmentation when `augment` is true (raysegm.data.preprocess), and the
+  intensity augmentation and sequence dropout where data.intensity_augment / sequence_dropout ask; tumor
   slices repeated floor(w) times plus once more with probability w - floor(w) for
   w = data.tumor_oversample > 1 (the extra copies are drawn once, from `seed`, when the dataset is
   built). The shuffle is Ray's random_shuffle seeded from `seed` and reseeded on each execution.
@@ -33,7 +35,13 @@ from raysegm.data.context import context_columns, read_input, with_context
 from raysegm.data.discover import STATS_PERCENTILES
 from raysegm.data.io import DataError, read_mask
 from raysegm.data.preprocess import augment as augment_pair
-from raysegm.data.preprocess import build_augmenter, preprocess_mask, resize_image, scale_image
+from raysegm.data.preprocess import (
+    augment_intensity,
+    build_augmenter,
+    preprocess_mask,
+    resize_image,
+    scale_image,
+)
 
 ROWS_PER_BLOCK = 16  # slices per Ray task: small enough to stream, large enough to amortize a task
 READ_COLUMNS = ["volume_id", "slice_index", "image_path", "mask_path", "source_format",
@@ -52,12 +60,13 @@ def oversample_tumor(rows: pd.DataFrame, factor: float, seed: int = 0) -> pd.Dat
     return rows.loc[rows.index.repeat(repeats)].reset_index(drop=True)
 
 
-def load_slice(record, data: DataSettings, augmenter=None) -> tuple[np.ndarray, np.ndarray]:
+def load_slice(record, data: DataSettings, augmenter=None, rng=None) -> tuple[np.ndarray, np.ndarray]:
     """One manifest row -> image (C, S, S) float32 and mask (1, S, S) float32 in {0, 1}, S = data.size,
     C = data.model_channels (the slice and its context slices, raysegm.data.context).
 
     The steps of `preprocess_image` / `preprocess_mask`, with the augmentation (when an augmenter from
-    `build_augmenter` is given) between the resize and the scaling.
+    `build_augmenter` is given) between the resize and the scaling, and the intensity augmentation
+    (`augment_intensity`, when a numpy Generator `rng` is given) after the scaling.
     """
     image = read_input(record, data)
     mask = read_mask(record)
@@ -67,7 +76,10 @@ def load_slice(record, data: DataSettings, augmenter=None) -> tuple[np.ndarray, 
     mask = preprocess_mask(mask, data.size)[0].astype(np.uint8)
     if augmenter is not None:
         image, mask = augment_pair(image, mask, augmenter)
-    return scale_image(image, data, record), mask[None].astype(np.float32)
+    image = scale_image(image, data, record)
+    if rng is not None:
+        image = augment_intensity(image, data, rng)
+    return image, mask[None].astype(np.float32)
 
 
 def load_slices(batch: pd.DataFrame, data: DataSettings, augment: bool) -> dict[str, np.ndarray]:
@@ -76,11 +88,16 @@ def load_slices(batch: pd.DataFrame, data: DataSettings, augment: bool) -> dict[
     Returns image (B, C, S, S) float32, mask (B, 1, S, S) float32, volume_id (B,) str, slice_index
     (B,) int32. Augmentation, when on, draws fresh entropy for each batch.
     """
-    augmenter = build_augmenter(data, seed=int(np.random.SeedSequence().generate_state(1)[0])) if augment else None
+    augmenter = rng = None
+    if augment:
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
+        augmenter = build_augmenter(data, seed=seed)
+        if data.intensity_augment or data.sequence_dropout:
+            rng = np.random.default_rng(seed)
     images = np.empty((len(batch), data.model_channels, data.size, data.size), dtype=np.float32)
     masks = np.empty((len(batch), 1, data.size, data.size), dtype=np.float32)
     for i, record in enumerate(batch.to_dict("records")):
-        images[i], masks[i] = load_slice(record, data, augmenter)
+        images[i], masks[i] = load_slice(record, data, augmenter, rng)
     return {
         "image": images,
         "mask": masks,

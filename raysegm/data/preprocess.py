@@ -12,7 +12,9 @@ and inference computes them the same way on a volume it reads. Without statistic
 with its own (a single-slice volume).
 
 Augmentation (paper 4.1) runs between the resize and the scaling, on raw intensities, so the constant
-fill of the affine border is the raw background value 0 under either normalization.
+fill of the affine border is the raw background value 0 under either normalization. The intensity
+augmentation and the sequence dropout (`augment_intensity`, off by default) run after the scaling, on
+what the model sees.
 """
 
 from __future__ import annotations
@@ -147,3 +149,46 @@ def augment(image: np.ndarray, mask: np.ndarray, augmenter) -> tuple[np.ndarray,
     """One random draw of `augmenter` applied to image (H, W, C) and mask (H, W) together."""
     out = augmenter(image=image, mask=mask)
     return out["image"], out["mask"]
+
+
+FLAIR = 1  # channel order of a slice (kaggle_3m, and NIfTI cases): pre-contrast, FLAIR, post-contrast
+
+
+def augment_intensity(image: np.ndarray, data: DataSettings, rng: np.random.Generator) -> np.ndarray:
+    """Random intensity changes of a scaled training image (C, H, W), per sequence; a new array.
+
+    The channels are (2k + 1) stacked slices of data.in_channels sequences each (raysegm.data.context);
+    one draw per sequence acts on that sequence in every stacked slice. With x one sequence, m its mean
+    and [lo, hi] its range, each step runs with probability data.intensity_augment:
+
+        brightness  x <- b x,                                 b ~ U(1 - brightness_limit, 1 + brightness_limit)
+        contrast    x <- clip(m + c (x - m), lo, hi),         c ~ U(1 - contrast_limit, 1 + contrast_limit)
+        gamma       x <- lo + (hi - lo) ((x - lo) / (hi - lo))^g,   g ~ U(gamma_limit)
+
+    Then sequence dropout: with probability data.sequence_dropout each, the pre-contrast and the
+    post-contrast sequence are replaced by FLAIR, which is what kaggle_3m stores for a missing sequence
+    (and, since scaling is per channel, exactly what a patient missing that sequence looks like after it).
+    """
+    if data.sequence_dropout and data.in_channels != 3:
+        raise ValueError(f"data.sequence_dropout needs 3 sequences per slice (pre-contrast, FLAIR, "
+                         f"post-contrast), got data.in_channels {data.in_channels}")
+    stack = image.reshape(-1, data.in_channels, *image.shape[1:]).astype(np.float32)  # a copy
+    p = data.intensity_augment
+    for sequence in range(data.in_channels):
+        x = stack[:, sequence]
+        if rng.random() < p:
+            x *= rng.uniform(1 - data.brightness_limit, 1 + data.brightness_limit)
+        if rng.random() < p:
+            lo, hi, mean = x.min(), x.max(), x.mean()
+            factor = rng.uniform(1 - data.contrast_limit, 1 + data.contrast_limit)
+            np.clip(mean + factor * (x - mean), lo, hi, out=x)
+        if rng.random() < p:
+            lo, hi = x.min(), x.max()
+            if hi > lo:
+                gamma = rng.uniform(*data.gamma_limit)
+                x[...] = lo + (hi - lo) * ((x - lo) / (hi - lo)) ** gamma
+    if data.sequence_dropout:
+        for sequence in (0, 2):
+            if rng.random() < data.sequence_dropout:
+                stack[:, sequence] = stack[:, FLAIR]
+    return stack.reshape(image.shape)
