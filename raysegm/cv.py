@@ -56,7 +56,7 @@ def run_cv(config: ExperimentConfig, folds: int = 5, only: list[int] | None = No
     for fold in selected:
         fold_config = replace(config, data={"fold": fold}, run={"name": f"fold-{fold}", "storage_path": str(cv_dir)})
         state = fold_state(cv_dir / f"fold-{fold}", config.train.epochs)
-        print(f"fold {fold + 1}/{folds}: {state}", flush=True)
+        print(f"fold {fold} of 0-{folds - 1}: {state}", flush=True)  # numbered as --fold and fold-<i>/
         if state != "finished":
             train(fold_config, resume=state == "unfinished")
     return write_summary(cv_dir, selected, config)
