@@ -104,6 +104,8 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from raysegm.config import POSTPROCESS
+
     parser = argparse.ArgumentParser(prog="raysegm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -151,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out", help="write the summary and per-patient table here")
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
-    p.add_argument("--postprocess", choices=["none", "lcc"], default="none",
-                   help="lcc: keep the largest 3D connected component per volume")
+    p.add_argument("--postprocess", choices=POSTPROCESS, default="none",
+                   help="lcc: keep the largest 3D connected component per volume; "
+                        "fill_holes: fill the holes of each slice's mask")
     p.set_defaults(handler=_evaluate)
 
     p = sub.add_parser("infer", help="segment every slice of an archive into Parquet")
@@ -161,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--tta", action="store_true", default=None, help="horizontal-flip test-time augmentation")
-    p.add_argument("--postprocess", choices=["none", "lcc"], default=None)
+    p.add_argument("--postprocess", choices=POSTPROCESS, default=None)
     p.add_argument("--address", default=None, help="Ray address (default: local or RAY_ADDRESS)")
     p.set_defaults(handler=_infer)
 

@@ -30,8 +30,8 @@ def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "
     checkpoint: a checkpoint folder, or a run folder (its result.json names the best checkpoint).
     The slices come from `manifest` (Parquet), else from `data_dir` prepared with the checkpoint's own
     split settings, else from the manifest the checkpoint was trained on. Unlabeled slices cannot be
-    scored: they are counted in `unlabeled_slices` and left out. `tta` and `postprocess` ("none" or
-    "lcc") are the inference options of the same names (raysegm.infer). With `out`, writes
+    scored: they are counted in `unlabeled_slices` and left out. `tta` and `postprocess` ("none", "lcc" or
+    "fill_holes") are the inference options of the same names (raysegm.infer). With `out`, writes
     out/per_patient.csv and out/summary.json.
     Returns the SegmentationMeter summary plus checkpoint, model_id, model_name, split, manifest,
     unlabeled_slices, tta, postprocess.
@@ -59,7 +59,7 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     from raysegm.data.context import read_input, with_context
     from raysegm.data.io import is_missing, read_mask
     from raysegm.data.preprocess import preprocess_image
-    from raysegm.infer import POSTPROCESS, largest_connected_component, probabilities
+    from raysegm.infer import POSTPROCESS, postprocess_volume, probabilities
     from raysegm.metrics import SegmentationMeter
     from raysegm.models import model_name
     from raysegm.storage import best_checkpoint_of
@@ -98,8 +98,8 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
                                        align_corners=False)[0, 0]
                 predicted.append(native.numpy() > meter.threshold)
                 truths.append(read_mask(record))
-        if postprocess == "lcc" and len({mask.shape for mask in predicted}) == 1:
-            predicted = list(largest_connected_component(np.stack(predicted)))
+        if postprocess != "none" and len({mask.shape for mask in predicted}) == 1:
+            predicted = list(postprocess_volume(np.stack(predicted), postprocess))
         for record, mask, truth in zip(records, predicted, truths):
             meter.update([volume_id], [record["slice_index"]], mask[None], truth[None])
 

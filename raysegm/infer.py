@@ -80,7 +80,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from scipy import ndimage
 
-from raysegm.config import DataSettings, InferSettings, from_dict, to_dict
+from raysegm.config import POSTPROCESS, DataSettings, InferSettings, from_dict, to_dict
 from raysegm.data.context import context_columns, read_input, with_context
 from raysegm.storage import best_checkpoint_of, filesystem
 
@@ -100,14 +100,13 @@ SCHEMA = pa.schema([
 METADATA = "_raysegm.json"
 PART_PREFIX = "part-"
 TEMP_PREFIX = ".tmp-"
-POSTPROCESS = ("none", "lcc")
 PRECISIONS = ("auto", "fp32")
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt")
 MASK_OUTPUTS = ("tta", "postprocess", "threshold")  # settings that change the masks in an output folder
 
 
 # ---------------------------------------------------------------------------------------------------
-# Masks: PNG encoding and the largest 3D connected component
+# Masks: PNG encoding and the per-volume post-processing
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
@@ -134,6 +133,28 @@ def largest_connected_component(masks: np.ndarray) -> np.ndarray:
         return masks.astype(bool)
     sizes = np.bincount(labels.ravel())[1:]
     return labels == 1 + int(np.argmax(sizes))
+
+
+def fill_holes(masks: np.ndarray) -> np.ndarray:
+    """(Z, H, W) bool -> every slice with its holes filled (scipy.ndimage.binary_fill_holes, in 2D).
+
+    A hole is background that no path of face neighbours joins to the slice's border. The reference
+    masks outline a lesion with its core: in lgg-dev-40 filling their holes adds 399 of 1.1M tumor
+    pixels. A model that finds a bright rim but not the dark core it encloses (a cystic lesion) leaves
+    such a hole. The result is a superset of the input (it never removes tumor).
+    """
+    return np.stack([ndimage.binary_fill_holes(mask) for mask in masks]) if len(masks) else masks.astype(bool)
+
+
+def postprocess_volume(masks: np.ndarray, postprocess: str) -> np.ndarray:
+    """(Z, H, W) bool masks of one volume, in slice order -> the masks after `postprocess` (POSTPROCESS)."""
+    if postprocess == "lcc":
+        return largest_connected_component(masks)
+    if postprocess == "fill_holes":
+        return fill_holes(masks)
+    if postprocess == "none":
+        return masks.astype(bool)
+    raise ValueError(f"postprocess: unknown {postprocess!r} (expected one of {POSTPROCESS})")
 
 
 def probabilities(model, inputs, tta: bool = False):
@@ -491,15 +512,15 @@ def _error_rows(rejects: pd.DataFrame, slices: pd.DataFrame, root: Path, prefix:
 
 
 def _finish_volume(rows: pd.DataFrame, postprocess: str) -> pd.DataFrame:
-    """Order a volume's rows by slice, apply the optional LCC, turn placeholders into nulls."""
+    """Order a volume's rows by slice, apply the optional post-processing, turn placeholders into nulls."""
     rows = rows.sort_values("slice_index", kind="stable").reset_index(drop=True)
-    if postprocess == "lcc":
+    if postprocess != "none":
         ok = rows.index[rows["status"] == "ok"]
         # slices of one volume that differ in size (image folders only) cannot be stacked: each size is
         # its own stack
         for _, group in rows.loc[ok].groupby(["height", "width"]):
             masks = np.stack([decode_mask_png(data) for data in group["mask_png"]])
-            kept = largest_connected_component(masks)
+            kept = postprocess_volume(masks, postprocess)
             for index, before, after in zip(group.index, masks, kept):
                 if (before != after).any():
                     rows.at[index, "mask_png"] = encode_mask_png(after)

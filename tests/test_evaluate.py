@@ -178,8 +178,10 @@ def test_a_run_folder_is_scored_with_its_best_checkpoint(all_test_manifest, tmp_
         evaluate_checkpoint(tmp_path / "run", split="test")
 
 
-@pytest.mark.parametrize("tta, postprocess", [(True, "none"), (False, "lcc"), (True, "lcc")])
-def test_tta_and_largest_component_score_as_computed_by_hand(all_test_manifest, tmp_path, tta, postprocess):
+@pytest.mark.parametrize("tta, postprocess", [(True, "none"), (False, "lcc"), (True, "lcc"), (False, "fill_holes")])
+def test_tta_and_postprocessing_score_as_computed_by_hand(all_test_manifest, tmp_path, tta, postprocess):
+    from scipy import ndimage
+
     from raysegm.infer import largest_connected_component
 
     manifest, inputs, checkpoint = centred_model(all_test_manifest, tmp_path / "random")
@@ -189,7 +191,7 @@ def test_tta_and_largest_component_score_as_computed_by_hand(all_test_manifest, 
     table = pd.read_csv(tmp_path / "scores" / "per_patient.csv").set_index("volume_id")
 
     model, _ = load_model(checkpoint)
-    components_removed = 0
+    components_removed = holes_filled = 0
     for volume_id, rows in manifest.groupby("volume_id"):
         x = inputs[volume_id]
         with torch.no_grad():
@@ -201,12 +203,18 @@ def test_tta_and_largest_component_score_as_computed_by_hand(all_test_manifest, 
             kept = largest_connected_component(pred)
             components_removed += int(pred.sum() - kept.sum())
             pred = kept
+        if postprocess == "fill_holes":  # each slice on its own, 2D
+            filled = np.stack([ndimage.binary_fill_holes(mask) for mask in pred])
+            holes_filled += int(filled.sum() - pred.sum())
+            pred = filled
         truth = np.stack([tifffile.imread(path) > 0 for path in rows["mask_path"]])
         tp, fp, fn = (pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()
         expected = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
         assert table.loc[volume_id, "dice"] == pytest.approx(expected)
     if postprocess == "lcc":
         assert components_removed > 0, "the check needs predictions with more than one component"
+    if postprocess == "fill_holes":
+        assert holes_filled > 0, "the check needs predictions with holes"
     assert summary["tta"] is tta and summary["postprocess"] == postprocess
     assert summary["per_patient"]["dice"]["mean"] != pytest.approx(plain["per_patient"]["dice"]["mean"])
 

@@ -30,8 +30,10 @@ from raysegm.infer import (
     TEMP_PREFIX,
     OutputFolder,
     SegmentationPredictor,
+    _finish_volume,
     decode_mask_png,
     encode_mask_png,
+    fill_holes,
     infer,
     largest_connected_component,
     part_name,
@@ -186,6 +188,49 @@ def test_largest_connected_component_keeps_the_biggest_3d_blob():
     diagonal = np.zeros((1, 3, 3), dtype=bool)
     diagonal[0, 0, 0] = diagonal[0, 1, 1] = True
     assert largest_connected_component(diagonal).sum() == 1
+
+
+def test_fill_holes_fills_each_slice_and_never_removes_tumor():
+    masks = np.zeros((3, 9, 9), dtype=bool)
+    masks[0, 1:6, 1:6] = True
+    masks[0, 2:5, 2:5] = False  # a ring around a 3x3 hole
+    masks[1, 0:4, 0:4] = True
+    masks[1, 0:2, 0:2] = False  # a notch open to the border: not a hole
+    masks[2, 2:5, 2:5] = True
+    masks[2, 3, 3] = False  # a one-pixel hole
+    masks[0, 7, 7] = True  # a speck: left as it is
+    filled = fill_holes(masks)
+    assert filled[0, 1:6, 1:6].all() and filled[0].sum() == 25 + 1
+    np.testing.assert_array_equal(filled[1], masks[1])
+    assert filled[2, 2:5, 2:5].all() and filled[2].sum() == 9
+    assert not (masks & ~filled).any()
+    assert not fill_holes(np.zeros((0, 4, 4), dtype=bool)).size
+    diagonal_gap = np.ones((1, 5, 5), dtype=bool)
+    diagonal_gap[0, 2, 2] = diagonal_gap[0, 1, 1] = diagonal_gap[0, 0, 0] = False
+    # (0, 0) lies on the border; (1, 1) and (2, 2) touch it only diagonally, so they are holes
+    expected = np.ones((5, 5), dtype=bool)
+    expected[0, 0] = False
+    np.testing.assert_array_equal(fill_holes(diagonal_gap)[0], expected)
+
+
+def test_committed_volume_has_its_holes_filled_and_error_rows_untouched():
+    ring = np.zeros((6, 6), dtype=bool)
+    ring[1:5, 1:5] = True
+    ring[2:4, 2:4] = False
+    rows = pd.DataFrame({
+        "slice_index": [2, 1],
+        "height": [6, 6], "width": [6, 6],
+        "mask_png": [b"", encode_mask_png(ring)],
+        "tumor_pixels": [0, int(ring.sum())],
+        "status": ["error", "ok"],
+        "error": ["x.tif: unreadable", ""],
+    })
+    finished = _finish_volume(rows, "fill_holes")
+    assert finished["slice_index"].tolist() == [1, 2]
+    filled = decode_mask_png(finished.loc[0, "mask_png"])
+    assert filled[1:5, 1:5].all() and filled.sum() == 16 == finished.loc[0, "tumor_pixels"]
+    assert finished.loc[1, "mask_png"] is None and finished.loc[1, "error"] == "x.tif: unreadable"
+    assert decode_mask_png(_finish_volume(rows, "none").loc[0, "mask_png"]).sum() == 12
 
 
 def test_part_names_are_unique_and_parquet_visible():
