@@ -67,7 +67,8 @@ def _cv(args) -> int:
 def _evaluate(args) -> int:
     from raysegm.evaluate import evaluate_checkpoint
 
-    summary = evaluate_checkpoint(args.checkpoint, manifest=args.manifest, data_dir=args.data_dir,
+    checkpoint = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint
+    summary = evaluate_checkpoint(checkpoint, manifest=args.manifest, data_dir=args.data_dir,
                                   split=args.split, out=args.out, tta=args.tta, postprocess=args.postprocess)
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cv)
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a split with the metric contract")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="a checkpoint or run folder; repeat it to score an ensemble (probabilities averaged)")
     p.add_argument("--manifest")
     p.add_argument("--data-dir")
     p.add_argument("--split", default="test")

@@ -4,7 +4,9 @@ The patients are dealt into k folds (raysegm.data.discover.assign_splits with da
 is one Ray Train run (raysegm.train.train) that trains on the other k - 1 folds; its held-out fold is
 its validation split, watched each epoch but never used to choose: the fold's out-of-fold score comes
 from the run's *final* checkpoint, so no patient both chose a model and scored it. Each run uses the
-whole cluster (data-parallel workers), and the folds run one after another.
+whole cluster (data-parallel workers), and the folds run one after another. With train.ensemble = n, a
+fold is n runs that differ only in train.seed (seed, seed + 1, ...), scored as one ensemble: their
+probabilities averaged before the threshold (raysegm.evaluate.score_checkpoint).
 
 After the folds, every held-out patient is scored with the metric contract (raysegm.evaluate, with
 the config's infer.tta and infer.postprocess), and the cross-validation folder
@@ -12,6 +14,7 @@ the config's infer.tta and infer.postprocess), and the cross-validation folder
 
     config.json        the resolved config, folds included
     fold-<i>/          fold i's Ray Train run (manifest in data/, checkpoints, history.csv)
+    fold-<i>-seed-<s>/ with train.ensemble > 1, its other members' runs
     per_patient.csv    one row per patient: fold, volume_id, Dice, IoU, ..., HD95 (pixels)
     summary.json/md    per-patient Dice mean, median and 95% CI over all out-of-fold patients; the
                        pooled and per-slice figures beside them, each labelled as such; per fold too
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raysegm.config import ExperimentConfig, replace, save_json, to_dict
+from raysegm.config import ExperimentConfig, from_dict, replace, save_json, to_dict
 
 
 def run_cv(config: ExperimentConfig, folds: int = 5, only: list[int] | None = None, resume: bool = False) -> dict:
@@ -37,6 +40,8 @@ def run_cv(config: ExperimentConfig, folds: int = 5, only: list[int] | None = No
                          "synthetic data), not data.manifest")
     if folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
+    if config.train.ensemble < 1:
+        raise ValueError(f"train.ensemble is the number of models per fold, at least 1, got {config.train.ensemble}")
     selected = sorted(set(range(folds) if only is None else only))
     if not selected or not all(0 <= i < folds for i in selected):
         raise ValueError(f"folds to run must lie in 0..{folds - 1}, got {only}")
@@ -54,12 +59,20 @@ def run_cv(config: ExperimentConfig, folds: int = 5, only: list[int] | None = No
     save_json(config, saved)
 
     for fold in selected:
-        fold_config = replace(config, data={"fold": fold}, run={"name": f"fold-{fold}", "storage_path": str(cv_dir)})
-        state = fold_state(cv_dir / f"fold-{fold}", config.train.epochs)
-        print(f"fold {fold} of 0-{folds - 1}: {state}", flush=True)  # numbered as --fold and fold-<i>/
-        if state != "finished":
-            train(fold_config, resume=state == "unfinished")
+        for name, seed in members(fold, config):
+            member = replace(config, data={"fold": fold}, train={"seed": seed, "ensemble": 1},
+                             run={"name": name, "storage_path": str(cv_dir)})
+            state = fold_state(cv_dir / name, config.train.epochs)
+            print(f"fold {fold} of 0-{folds - 1}, seed {seed} ({name}): {state}", flush=True)
+            if state != "finished":
+                train(member, resume=state == "unfinished")
     return write_summary(cv_dir, selected, config)
+
+
+def members(fold: int, config: ExperimentConfig) -> list[tuple[str, int]]:
+    """(run folder name, train.seed) of each model of `fold`: fold-<i> first, then fold-<i>-seed-<s>."""
+    seeds = [config.train.seed + m for m in range(config.train.ensemble)]
+    return [(f"fold-{fold}" if m == 0 else f"fold-{fold}-seed-{seed}", seed) for m, seed in enumerate(seeds)]
 
 
 def fold_state(run_dir: Path, epochs: int) -> str:
@@ -74,9 +87,9 @@ def fold_state(run_dir: Path, epochs: int) -> str:
 
 def _check_same(saved: dict, config: ExperimentConfig, path: Path) -> None:
     # Where and how it runs may change on resume; what it measures may not.
-    current = to_dict(config)
+    current, saved = to_dict(config), to_dict(from_dict(saved))  # keys added since take their defaults
     changed = [f"{section}.{key}" for section in ("data", "model", "train", "infer")
-               for key in current[section] if saved.get(section, {}).get(key) != current[section][key]]
+               for key in current[section] if saved[section][key] != current[section][key]]
     if changed:
         raise ValueError(f"{path}: the cross-validation was started with other settings ({', '.join(changed)}); "
                          f"resume it with the same config or choose another run.name")
@@ -89,9 +102,10 @@ def write_summary(cv_dir: Path, folds_run: list[int], config: ExperimentConfig) 
 
     states, fold_of, checkpoints = [], {}, {}
     for fold in folds_run:
-        run_dir = cv_dir / f"fold-{fold}"
-        result = json.loads((run_dir / "result.json").read_text())
-        scored, meter = score_checkpoint(result["latest_checkpoint"], manifest=run_dir / "data" / "manifest.parquet",
+        finals = [json.loads((cv_dir / name / "result.json").read_text())["latest_checkpoint"]
+                  for name, _ in members(fold, config)]
+        scored, meter = score_checkpoint(finals[0] if len(finals) == 1 else finals,
+                                         manifest=cv_dir / f"fold-{fold}" / "data" / "manifest.parquet",
                                          split="val", tta=config.infer.tta, postprocess=config.infer.postprocess)
         state = meter.state()
         states.append(state)
@@ -108,6 +122,7 @@ def write_summary(cv_dir: Path, folds_run: list[int], config: ExperimentConfig) 
         "folds": config.data.folds,
         "folds_scored": folds_run,
         "checkpoint_choice": "final epoch of each fold (the held-out patients chose nothing)",
+        "ensemble": config.train.ensemble,
         "tta": config.infer.tta,
         "postprocess": config.infer.postprocess,
         **headline,
@@ -127,7 +142,9 @@ def summary_markdown(summary: dict) -> str:
     lines = [
         f"# Cross-validation: {scope}, {summary['n_patients']} out-of-fold patients, {summary['n_slices']} slices",
         "",
-        f"Scored with each fold's final-epoch checkpoint; TTA {'on' if summary['tta'] else 'off'}, "
+        "Scored with each fold's final-epoch checkpoint"
+        + (f" (an ensemble of {summary['ensemble']} seeds)" if summary.get("ensemble", 1) > 1 else "")
+        + f"; TTA {'on' if summary['tta'] else 'off'}, "
         f"post-processing {summary['postprocess']}.",
         "",
         "| figure | value |",

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from raysegm.config import replace
 
 BATCH_SLICES = 16  # slices per forward pass
+INPUT_SETTINGS = ("size", "in_channels", "context_slices", "normalize", "clip_percentiles")  # data.* a model sees
 
 
 def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "test", out=None, *,
@@ -52,6 +53,9 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
                      postprocess: str = "none", work_dir=None):
     """(what was scored, a SegmentationMeter holding every labeled slice of `split` with its masks).
 
+    `checkpoint` may be a list: an ensemble, whose members' probabilities are averaged before the
+    threshold, p = mean_m p_m (each p_m with TTA when `tta`). Its members must share their data settings
+    that shape what a slice looks like to the model (INPUT_SETTINGS), so one preprocessing serves them all.
     A manifest prepared from `data_dir` is written to `work_dir` (a temporary folder when None). The
     meter can be merged with others (raysegm.cv pools the folds of a cross-validation).
     """
@@ -66,11 +70,21 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
 
     if postprocess not in POSTPROCESS:
         raise ValueError(f"postprocess must be one of {list(POSTPROCESS)}, got {postprocess!r}")
-    checkpoint = Path(best_checkpoint_of(checkpoint))
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    members = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    if not members:
+        raise ValueError("checkpoint: an empty list of ensemble members")
+    members = [Path(best_checkpoint_of(member)) for member in members]
+    for member in members:
+        if not member.is_dir():
+            raise FileNotFoundError(f"checkpoint not found: {member}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, config = load_model(checkpoint, device=device)  # in eval mode
+    models, configs = zip(*(load_model(member, device=device) for member in members))  # in eval mode
+    config = configs[0]
+    for member, other in zip(members[1:], configs[1:]):
+        differ = [f"data.{key}" for key in INPUT_SETTINGS if getattr(other.data, key) != getattr(config.data, key)]
+        if differ:
+            raise ValueError(f"{member}: an ensemble's members must share their input settings; its "
+                             f"{', '.join(differ)} differ from those of {members[0]}")
     with tempfile.TemporaryDirectory() as scratch:
         slices, manifest_source = _split_slices(config, manifest, data_dir, split, Path(work_dir or scratch))
     slices = with_context(slices, config.data.context_slices)  # neighbours from every slice, labeled or not
@@ -91,7 +105,7 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
             inputs = torch.from_numpy(np.stack([preprocess_image(image, config.data, record)
                                                 for image, record in zip(images, batch)])).to(device)
             with torch.no_grad():
-                predictions = probabilities(model, inputs, tta=tta).cpu()
+                predictions = torch.stack([probabilities(model, inputs, tta=tta) for model in models]).mean(0).cpu()
             for record, image, probability in zip(batch, images, predictions):
                 # Bilinear on probabilities, then the contract's threshold.
                 native = F.interpolate(probability[None], size=image.shape[:2], mode="bilinear",
@@ -104,9 +118,9 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
             meter.update([volume_id], [record["slice_index"]], mask[None], truth[None])
 
     scored = {
-        "checkpoint": str(checkpoint),
-        "model_id": model_id(checkpoint),
-        "model_name": model_name(config.model),
+        "checkpoint": str(members[0]) if len(members) == 1 else [str(member) for member in members],
+        "model_id": "+".join(model_id(member) for member in members),
+        "model_name": " + ".join(dict.fromkeys(model_name(other.model) for other in configs)),
         "split": split,
         "manifest": manifest_source,
         "unlabeled_slices": int(len(slices) - len(labeled)),

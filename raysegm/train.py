@@ -86,6 +86,9 @@ def check_settings(config: ExperimentConfig) -> None:
         raise ValueError(f"train.precision must be one of {list(PRECISIONS)}, got {t.precision!r}")
     if t.precision == "fp16" and not s.use_gpu:
         raise ValueError("train.precision fp16 needs CUDA workers (scale.use_gpu: true); use bf16 or fp32 on CPU")
+    if t.ensemble != 1:
+        raise ValueError(f"train.ensemble {t.ensemble}: models per fold, read by raysegm cv; a training run "
+                         "trains one model (set train.seed to train another)")
     if s.num_workers < 1 or t.epochs < 1:
         raise ValueError("scale.num_workers and train.epochs must be at least 1")
     if t.batch_size % s.num_workers:

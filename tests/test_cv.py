@@ -12,6 +12,7 @@ from raysegm.config import load_config, replace
 from raysegm.cv import fold_state, run_cv
 from raysegm.data.discover import load_manifest
 from raysegm.evaluate import evaluate_checkpoint
+from raysegm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,10 @@ def test_bad_requests_fail_before_any_training(tmp_path, synth_dir):
         run_cv(replace(config, data={"manifest": str(tmp_path / "m.parquet")}), folds=3)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         run_cv(config, folds=3, resume=True)
+    with pytest.raises(ValueError, match="models per fold, at least 1"):
+        run_cv(replace(config, train={"ensemble": 0}), folds=3)
+    with pytest.raises(ValueError, match="read by raysegm cv"):  # a training run trains one model
+        train(replace(config, train={"ensemble": 2}))
     assert fold_state(tmp_path / "cv" / "fold-0", 2) == "new"
 
 
@@ -77,3 +82,23 @@ def test_three_folds_score_every_patient_once_and_resume_keeps_them(tmp_path, sy
     assert again["per_patient"]["dice"]["mean"] == pytest.approx(dice["mean"])
     with pytest.raises(ValueError, match="other settings"):
         run_cv(replace(config, train={"lr": 0.1}), folds=3, resume=True)
+
+
+@pytest.mark.slow
+def test_an_ensemble_per_fold_trains_each_seed_and_scores_their_average(tmp_path, synth_dir, ray_session):
+    config = replace(tiny_config(tmp_path, synth_dir, name="ens"), train={"ensemble": 2, "seed": 5})
+    summary = run_cv(config, folds=2)
+    cv_dir = tmp_path / "ens"
+    assert summary["ensemble"] == 2 and "an ensemble of 2 seeds" in (cv_dir / "summary.md").read_text()
+    for fold in range(2):
+        runs = [cv_dir / f"fold-{fold}", cv_dir / f"fold-{fold}-seed-6"]
+        saved = [json.loads((run / "config.json").read_text())["train"] for run in runs]
+        assert [t["seed"] for t in saved] == [5, 6] and [t["ensemble"] for t in saved] == [1, 1]
+        finals = [json.loads((run / "result.json").read_text())["latest_checkpoint"] for run in runs]
+        assert (Path(finals[0]) / "model.safetensors").read_bytes() != (Path(finals[1]) / "model.safetensors").read_bytes()
+        together = evaluate_checkpoint(finals, split="val", manifest=runs[0] / "data" / "manifest.parquet")
+        assert summary["per_fold"][fold]["checkpoint"] == [str(Path(f)) for f in finals]
+        assert summary["per_fold"][fold]["per_patient_dice_mean"] == pytest.approx(together["per_patient"]["dice"]["mean"])
+    # the members' seeds are part of what a cross-validation measures: resuming with another count is refused
+    with pytest.raises(ValueError, match="train.ensemble"):
+        run_cv(replace(config, train={"ensemble": 3}), folds=2, resume=True)

@@ -223,3 +223,61 @@ def test_unknown_postprocess_is_refused(all_test_manifest, tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ckpt", all_test_manifest, head_bias=10.0)
     with pytest.raises(ValueError, match="postprocess must be one of"):
         evaluate_checkpoint(checkpoint, split="test", postprocess="largest")
+
+
+def test_an_ensemble_averages_its_members_probabilities(all_test_manifest, tmp_path):
+    manifest, inputs, centred = centred_model(all_test_manifest, tmp_path / "random")
+    model, _ = load_model(centred)
+    with torch.no_grad():
+        first = {volume_id: torch.sigmoid(model(x)) for volume_id, x in inputs.items()}
+    # A second member predicting c = 1 - q everywhere, q the first member's lower quartile: the average
+    # passes 0.5 where the first member's probability passes q, so the ensemble marks about 3/4 of the
+    # pixels, more than the first member alone (about 1/2) and less than the second (all of them).
+    q = float(torch.quantile(torch.cat([p.flatten() for p in first.values()]), 0.25))
+    constant = make_checkpoint(tmp_path / "constant", all_test_manifest, head_bias=math.log((1 - q) / q))
+    summary = evaluate_checkpoint([centred, constant], manifest=all_test_manifest, split="test",
+                                  out=tmp_path / "scores")
+    table = pd.read_csv(tmp_path / "scores" / "per_patient.csv").set_index("volume_id")
+
+    second, _ = load_model(constant)
+    predicted = predicted_alone = 0
+    for volume_id, rows in manifest.groupby("volume_id"):
+        with torch.no_grad():  # p = (p_1 + p_2) / 2, p_2 = 1 - q up to float32 rounding
+            probabilities = (first[volume_id] + torch.sigmoid(second(inputs[volume_id]))) / 2
+        pred = (F.interpolate(probabilities, size=(64, 64), mode="bilinear") > 0.5).numpy()[:, 0]
+        predicted_alone += int((F.interpolate(first[volume_id], size=(64, 64), mode="bilinear") > 0.5).sum())
+        truth = np.stack([tifffile.imread(path) > 0 for path in rows["mask_path"]])
+        tp, fp, fn = (pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()
+        assert table.loc[volume_id, "dice"] == pytest.approx(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+        assert table.loc[volume_id, "predicted_pixels"] == tp + fp
+        predicted += tp + fp
+    assert predicted_alone < predicted < len(manifest) * 64 * 64, "the ensemble must differ from each member"
+    assert summary["checkpoint"] == [str(centred), str(constant)]
+    assert summary["model_id"].count("+") == 1
+    # An ensemble of one checkpoint twice is that checkpoint.
+    alone = evaluate_checkpoint(centred, manifest=all_test_manifest, split="test")
+    twice = evaluate_checkpoint([centred, centred], manifest=all_test_manifest, split="test")
+    assert twice["per_patient"] == alone["per_patient"] and twice["pooled"] == alone["pooled"]
+
+
+def test_an_ensemble_of_differently_preprocessed_members_is_refused(all_test_manifest, tmp_path):
+    three = make_checkpoint(tmp_path / "three", all_test_manifest, head_bias=1.0)
+    one = make_checkpoint(tmp_path / "one", all_test_manifest, head_bias=1.0, in_channels=1)
+    with pytest.raises(ValueError, match="must share their input settings; its data.in_channels"):
+        evaluate_checkpoint([three, one], manifest=all_test_manifest, split="test")
+    with pytest.raises(ValueError, match="empty list"):
+        evaluate_checkpoint([], manifest=all_test_manifest, split="test")
+
+
+def test_the_cli_scores_an_ensemble_given_by_repeated_checkpoints(all_test_manifest, tmp_path, capsys):
+    from raysegm.cli import main
+
+    _, _, centred = centred_model(all_test_manifest, tmp_path / "random")
+    constant = make_checkpoint(tmp_path / "constant", all_test_manifest, head_bias=0.0)
+    expected = evaluate_checkpoint([centred, constant], manifest=all_test_manifest, split="test")
+    assert main(["evaluate", "--checkpoint", str(centred), "--checkpoint", str(constant), "--manifest",
+                 str(all_test_manifest), "--split", "test", "--out", str(tmp_path / "scores")]) == 0
+    capsys.readouterr()
+    written = json.loads((tmp_path / "scores" / "summary.json").read_text())
+    assert written["checkpoint"] == [str(centred), str(constant)]
+    assert written["per_patient"] == json.loads(json.dumps(expected["per_patient"]))
