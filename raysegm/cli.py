@@ -67,8 +67,7 @@ def _cv(args) -> int:
 def _evaluate(args) -> int:
     from raysegm.evaluate import evaluate_checkpoint
 
-    checkpoint = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint
-    summary = evaluate_checkpoint(checkpoint, manifest=args.manifest, data_dir=args.data_dir,
+    summary = evaluate_checkpoint(args.checkpoint, manifest=args.manifest, data_dir=args.data_dir,
                                   split=args.split, out=args.out, tta=args.tta, postprocess=args.postprocess)
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -104,8 +104,7 @@ def write_summary(cv_dir: Path, folds_run: list[int], config: ExperimentConfig) 
     for fold in folds_run:
         finals = [json.loads((cv_dir / name / "result.json").read_text())["latest_checkpoint"]
                   for name, _ in members(fold, config)]
-        scored, meter = score_checkpoint(finals[0] if len(finals) == 1 else finals,
-                                         manifest=cv_dir / f"fold-{fold}" / "data" / "manifest.parquet",
+        scored, meter = score_checkpoint(finals, manifest=cv_dir / f"fold-{fold}" / "data" / "manifest.parquet",
                                          split="val", tta=config.infer.tta, postprocess=config.infer.postprocess)
         state = meter.state()
         states.append(state)
@@ -143,7 +142,7 @@ def summary_markdown(summary: dict) -> str:
         f"# Cross-validation: {scope}, {summary['n_patients']} out-of-fold patients, {summary['n_slices']} slices",
         "",
         "Scored with each fold's final-epoch checkpoint"
-        + (f" (an ensemble of {summary['ensemble']} seeds)" if summary.get("ensemble", 1) > 1 else "")
+        + (f" (an ensemble of {summary['ensemble']} seeds)" if summary["ensemble"] > 1 else "")
         + f"; TTA {'on' if summary['tta'] else 'off'}, "
         f"post-processing {summary['postprocess']}.",
         "",

@@ -54,8 +54,9 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     """(what was scored, a SegmentationMeter holding every labeled slice of `split` with its masks).
 
     `checkpoint` may be a list: an ensemble, whose members' probabilities are averaged before the
-    threshold, p = mean_m p_m (each p_m with TTA when `tta`). Its members must share their data settings
-    that shape what a slice looks like to the model (INPUT_SETTINGS), so one preprocessing serves them all.
+    threshold, p = mean_m p_m (each p_m with TTA when `tta`); a list of one scores as that checkpoint.
+    Its members must share the data settings that shape what a slice looks like to the model
+    (INPUT_SETTINGS), so one preprocessing serves them all.
     A manifest prepared from `data_dir` is written to `work_dir` (a temporary folder when None). The
     meter can be merged with others (raysegm.cv pools the folds of a cross-validation).
     """
