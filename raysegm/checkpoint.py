@@ -9,6 +9,11 @@
 Each file is written under a temporary name and renamed, so a killed save leaves no half file behind.
 A training run's folder (it holds result.json) stands for its best checkpoint wherever a checkpoint is
 asked for (raysegm.storage.best_checkpoint_of).
+
+A seed ensemble is one checkpoint too (`save_ensemble`): config.json is its first member's with
+train.ensemble = n, and model.safetensors holds every member under `members.<m>.`; `load_model` rebuilds
+it as a raysegm.models.ensemble.SeedEnsemble, so inference and scoring need nothing else, and its
+`model_id` names the ensemble as a whole.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from raysegm.config import ExperimentConfig, from_dict, to_dict
+from raysegm.config import ExperimentConfig, from_dict, replace, to_dict
 from raysegm.models import create_model, model_name
+from raysegm.models.ensemble import SeedEnsemble
 
 WEIGHTS = "model.safetensors"
 TORCH_WEIGHTS = "model.pt"
@@ -35,6 +41,7 @@ CONFIG = "config.json"
 TRAINING_STATE = "training_state.pt"
 SUMMARY_KEYS = ("variant", "model_name", "encoder", "in_channels", "size", "normalize")  # for humans
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+INPUT_SETTINGS = ("size", "in_channels", "context_slices", "normalize", "clip_percentiles")  # data.* a model sees
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -126,7 +133,11 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     directory = Path(directory)
     config, summary = load_config_of(directory)
     in_channels = summary.get("in_channels", config.data.model_channels)
-    model = create_model(dataclasses.replace(config.model, encoder_weights="none"), in_channels=in_channels)
+    settings = dataclasses.replace(config.model, encoder_weights="none")
+    model = create_model(settings, in_channels=in_channels)
+    if config.train.ensemble > 1:
+        model = SeedEnsemble([model] + [create_model(settings, in_channels=in_channels)
+                                        for _ in range(config.train.ensemble - 1)])
     path = _weights_path(directory)
     if path.name == WEIGHTS:
         state = load_file(str(path), device="cpu")
@@ -140,6 +151,33 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
     except RuntimeError as error:
         raise ValueError(f"{path}: weights do not fit {model_name(config.model)}: {error}") from error
     return model.to(device).eval(), config
+
+
+def input_settings_differ(config: ExperimentConfig, other: ExperimentConfig) -> list[str]:
+    """The data.* settings (INPUT_SETTINGS) in which two checkpoints' inputs differ: [] when one preprocessing serves both."""
+    return [f"data.{key}" for key in INPUT_SETTINGS if getattr(other.data, key) != getattr(config.data, key)]
+
+
+def save_ensemble(directory: str | Path, members: list[str | Path]) -> Path:
+    """Write the seed ensemble of the checkpoint folders `members` as one checkpoint into `directory`.
+
+    The members must be single models of one variant with the same model settings and input settings
+    (they differ in their seeds); the ensemble's config is the first member's with train.ensemble = n.
+    """
+    if len(members) < 2:
+        raise ValueError(f"save_ensemble: an ensemble needs at least 2 members, got {len(members)}")
+    models, configs = zip(*(load_model(member) for member in members))
+    for member, config in zip(members, configs):
+        if config.train.ensemble != 1:
+            raise ValueError(f"{member}: already an ensemble of {config.train.ensemble}; give its members instead")
+        differ = input_settings_differ(configs[0], config)
+        if config.model != configs[0].model:
+            differ.append("model.*")
+        if differ:
+            raise ValueError(f"{member}: an ensemble's members must share their model and input settings; "
+                             f"its {', '.join(differ)} differ from those of {members[0]}")
+    config = replace(configs[0], train={"ensemble": len(members)})
+    return save_checkpoint(directory, SeedEnsemble(list(models)), config)
 
 
 def load_training_state(directory: str | Path) -> dict | None:

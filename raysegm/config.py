@@ -83,7 +83,7 @@ class TrainSettings:
     precision: str = "fp32"  # fp32, bf16 or fp16 autocast (fp16 only on CUDA)
     channels_last: bool = False  # NHWC model and batches (torch.channels_last): faster convolutions on CPU and CUDA
     seed: int = 0  # model init, sampling and augmentation
-    ensemble: int = 1  # raysegm cv: models per fold (seeds seed, seed + 1, ...), their probabilities averaged
+    ensemble: int = 1  # models trained (seeds seed, seed + 1, ...) whose probabilities are averaged: one checkpoint
 
 
 @dataclass(frozen=True)

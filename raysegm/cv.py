@@ -33,7 +33,7 @@ from raysegm.config import ExperimentConfig, from_dict, replace, save_json, to_d
 
 def run_cv(config: ExperimentConfig, folds: int = 5, only: list[int] | None = None, resume: bool = False) -> dict:
     """Train and score `folds` folds (or the folds listed in `only`); returns the summary dict."""
-    from raysegm.train import train
+    from raysegm.train import run_state, train
 
     if config.data.manifest:
         raise ValueError("cross-validation splits the patients itself: give data.data_dir (or no data for "
@@ -62,7 +62,7 @@ def run_cv(config: ExperimentConfig, folds: int = 5, only: list[int] | None = No
         for name, seed in members(fold, config):
             member = replace(config, data={"fold": fold}, train={"seed": seed, "ensemble": 1},
                              run={"name": name, "storage_path": str(cv_dir)})
-            state = fold_state(cv_dir / name, config.train.epochs)
+            state = run_state(cv_dir / name, config.train.epochs)
             print(f"fold {fold} of 0-{folds - 1}, seed {seed} ({name}): {state}", flush=True)
             if state != "finished":
                 train(member, resume=state == "unfinished")
@@ -73,16 +73,6 @@ def members(fold: int, config: ExperimentConfig) -> list[tuple[str, int]]:
     """(run folder name, train.seed) of each model of `fold`: fold-<i> first, then fold-<i>-seed-<s>."""
     seeds = [config.train.seed + m for m in range(config.train.ensemble)]
     return [(f"fold-{fold}" if m == 0 else f"fold-{fold}-seed-{seed}", seed) for m, seed in enumerate(seeds)]
-
-
-def fold_state(run_dir: Path, epochs: int) -> str:
-    """"finished" (result.json says every epoch ran), "unfinished" (a run was started) or "new"."""
-    from raysegm.train import holds_run
-
-    result = run_dir / "result.json"
-    if result.is_file() and json.loads(result.read_text()).get("epochs_completed", 0) >= epochs:
-        return "finished"
-    return "unfinished" if holds_run(run_dir) else "new"
 
 
 def _check_same(saved: dict, config: ExperimentConfig, path: Path) -> None:

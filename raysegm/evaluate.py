@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from raysegm.config import replace
 
 BATCH_SLICES = 16  # slices per forward pass
-INPUT_SETTINGS = ("size", "in_channels", "context_slices", "normalize", "clip_percentiles")  # data.* a model sees
 
 
 def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "test", out=None, *,
@@ -56,11 +55,12 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     `checkpoint` may be a list: an ensemble, whose members' probabilities are averaged before the
     threshold, p = mean_m p_m (each p_m with TTA when `tta`); a list of one scores as that checkpoint.
     Its members must share the data settings that shape what a slice looks like to the model
-    (INPUT_SETTINGS), so one preprocessing serves them all.
+    (raysegm.checkpoint.INPUT_SETTINGS), so one preprocessing serves them all. The same average is one
+    checkpoint with raysegm.checkpoint.save_ensemble.
     A manifest prepared from `data_dir` is written to `work_dir` (a temporary folder when None). The
     meter can be merged with others (raysegm.cv pools the folds of a cross-validation).
     """
-    from raysegm.checkpoint import load_model, model_id
+    from raysegm.checkpoint import input_settings_differ, load_model, model_id
     from raysegm.data.context import read_input, with_context
     from raysegm.data.io import is_missing, read_mask
     from raysegm.data.preprocess import preprocess_image
@@ -82,7 +82,7 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     models, configs = zip(*(load_model(member, device=device) for member in members))  # in eval mode
     config = configs[0]
     for member, other in zip(members[1:], configs[1:]):
-        differ = [f"data.{key}" for key in INPUT_SETTINGS if getattr(other.data, key) != getattr(config.data, key)]
+        differ = input_settings_differ(config, other)
         if differ:
             raise ValueError(f"{member}: an ensemble's members must share their input settings; its "
                              f"{', '.join(differ)} differ from those of {members[0]}")

@@ -10,6 +10,12 @@ an explicit `resume=True`. Per-patient Dice (`VAL_METRIC`) selects the best chec
 The run folder `storage_path/name` is a filesystem path every node can reach (local disk, or a shared
 mount on a cluster); besides Ray's checkpoints it holds config.json, data/ (the manifest),
 history.csv, history.json and result.json.
+
+With train.ensemble = n > 1 a run is a seed ensemble: n such runs, one after another, in
+`storage_path/name/seed-<s>/` (s = train.seed, train.seed + 1, ...), then each member's best and latest
+checkpoints combined into one checkpoint each (raysegm.checkpoint.save_ensemble) in `ensemble-best/` and
+`ensemble-latest/`, beside config.json and result.json. A resume keeps finished members and continues
+an unfinished one.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
     if not resume and holds_run(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume "
                               f"(resume=True) or choose another run.name")
+    if config.train.ensemble > 1:
+        return _train_ensemble(config, run_dir)
     _ensure_ray(config.scale)
     from raysegm.data.discover import manifest_for
 
@@ -86,9 +94,9 @@ def check_settings(config: ExperimentConfig) -> None:
         raise ValueError(f"train.precision must be one of {list(PRECISIONS)}, got {t.precision!r}")
     if t.precision == "fp16" and not s.use_gpu:
         raise ValueError("train.precision fp16 needs CUDA workers (scale.use_gpu: true); use bf16 or fp32 on CPU")
-    if t.ensemble != 1:
-        raise ValueError(f"train.ensemble {t.ensemble}: models per fold, read by raysegm cv; a training run "
-                         "trains one model (set train.seed to train another)")
+    if t.ensemble < 1:
+        raise ValueError(f"train.ensemble is the number of models trained (seeds seed, seed + 1, ...), "
+                         f"at least 1, got {t.ensemble}")
     if s.num_workers < 1 or t.epochs < 1:
         raise ValueError("scale.num_workers and train.epochs must be at least 1")
     if t.batch_size % s.num_workers:
@@ -102,6 +110,52 @@ def check_settings(config: ExperimentConfig) -> None:
     if config.data.sequence_dropout and config.data.in_channels != 3:
         raise ValueError("data.sequence_dropout needs the three sequences pre-contrast, FLAIR, post-contrast "
                          f"(data.in_channels 3), got {config.data.in_channels}")
+
+
+def _train_ensemble(config: ExperimentConfig, run_dir: Path) -> dict:
+    """Train the members of a seed ensemble (or finish them, on resume), then write its two checkpoints."""
+    from raysegm.checkpoint import save_ensemble
+    from raysegm.evaluate import score_checkpoint
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(config, run_dir / "config.json")
+    members = []
+    for seed in range(config.train.seed, config.train.seed + config.train.ensemble):
+        member = replace(config, train={"seed": seed, "ensemble": 1},
+                         run={"name": f"seed-{seed}", "storage_path": str(run_dir)})
+        state = run_state(run_dir / f"seed-{seed}", config.train.epochs)
+        print(f"run {config.run.name}, member seed-{seed} of {config.train.ensemble}: {state}", flush=True)
+        if state == "finished":
+            members.append(json.loads((run_dir / f"seed-{seed}" / "result.json").read_text()))
+        else:
+            members.append(train(member, resume=state == "unfinished"))
+    best = save_ensemble(run_dir / "ensemble-best", [m["best_checkpoint"] for m in members])
+    latest = save_ensemble(run_dir / "ensemble-latest", [m["latest_checkpoint"] for m in members])
+    # The ensemble's own validation figures, measured as each epoch's are (no TTA, no post-processing).
+    _, meter = score_checkpoint(best, manifest=Path(members[0]["run_dir"]) / "data" / "manifest.parquet", split="val")
+    scores = meter.summary()
+    summary = {
+        "run_dir": str(run_dir),
+        "best_checkpoint": str(best),
+        "latest_checkpoint": str(latest),
+        "best": {VAL_METRIC: scores["per_patient"]["dice"]["mean"], "val_pooled_dice": scores["pooled"]["dice"],
+                 "val_per_slice_mean_dice": scores["per_slice_mean_dice"]},
+        "members": [m["run_dir"] for m in members],
+        "epochs_completed": min(m["epochs_completed"] for m in members),
+        "resumed_after": sorted({epoch for m in members for epoch in m["resumed_after"]}),
+    }
+    _write_atomic(run_dir / "result.json", json.dumps(summary, indent=2) + "\n")
+    print(f"run {config.run.name}: an ensemble of {len(members)} seeds, {VAL_METRIC} of its members' best "
+          f"checkpoints averaged {summary['best'][VAL_METRIC]:.4f}; best checkpoint {best}", flush=True)
+    return summary
+
+
+def run_state(run_dir: Path, epochs: int) -> str:
+    """"finished" (result.json says every epoch ran), "unfinished" (a run was started) or "new"."""
+    result = run_dir / "result.json"
+    if result.is_file() and json.loads(result.read_text()).get("epochs_completed", 0) >= epochs:
+        return "finished"
+    return "unfinished" if holds_run(run_dir) else "new"
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -140,6 +194,9 @@ def build_trainer(config: ExperimentConfig, *, manifest_path: str, run_name: str
     from raysegm.data.pipeline import build_dataset
 
     check_settings(config)
+    if config.train.ensemble != 1:
+        raise ValueError(f"train.ensemble {config.train.ensemble}: one Ray Train run trains one model; "
+                         "raysegm.train.train and raysegm cv train an ensemble's members one by one")
     run_dir = Path(storage_path) / run_name
     if holds_run(run_dir) and not resume_ok:
         raise FileExistsError(f"{run_dir} already holds a run; pass resume to continue it")

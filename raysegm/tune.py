@@ -131,6 +131,9 @@ def check_study(config: ExperimentConfig) -> list[dict]:
     if config.tune.asha and not 1 <= config.tune.asha_grace_epochs <= config.train.epochs:
         raise ValueError(f"tune.asha_grace_epochs must be between 1 and train.epochs ({config.train.epochs}), "
                          f"got {config.tune.asha_grace_epochs}")
+    if config.train.ensemble != 1:
+        raise ValueError(f"train.ensemble {config.train.ensemble}: a study's trial trains one model; set "
+                         "train.ensemble=1 (raysegm cv measures an ensemble)")
     if not config.tune.trial_cpus > 0:
         raise ValueError(f"tune.trial_cpus must be above 0 (Ray refuses 0), got {config.tune.trial_cpus}")
     grid = []

@@ -23,9 +23,11 @@ from raysegm.checkpoint import (
     model_id,
     restore_rng_state,
     save_checkpoint,
+    save_ensemble,
 )
 from raysegm.config import ExperimentConfig, replace
 from raysegm.models import create_model
+from raysegm.models.ensemble import SeedEnsemble
 
 CONFIG = replace(
     ExperimentConfig(),
@@ -190,3 +192,38 @@ def test_bad_checkpoints_are_clear_errors(saved, tmp_path):
     one_channel = replace(TINY, data={"in_channels": 1})
     with pytest.raises(ValueError, match="3 input channels"):
         save_checkpoint(tmp_path / "h", trained_model(TINY), one_channel)
+
+
+def test_a_seed_ensemble_is_one_checkpoint_whose_probability_is_its_members_mean(tmp_path):
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = create_model(TINY.model, in_channels=3).eval()
+        members.append((model, save_checkpoint(tmp_path / f"seed-{seed}", model, replace(TINY, train={"seed": seed}))))
+    directory = save_ensemble(tmp_path / "ensemble", [path for _, path in members])
+    ensemble, config = load_model(directory)
+    assert isinstance(ensemble, SeedEnsemble) and config.train.ensemble == 2 and config.train.seed == 0
+    assert sorted({key.split(".")[1] for key in load_file(str(directory / "model.safetensors"))}) == ["0", "1"]
+    assert model_id(directory) not in {model_id(path) for _, path in members}
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        by_hand = (torch.sigmoid(members[0][0](images)) + torch.sigmoid(members[1][0](images))) / 2
+        assert torch.allclose(torch.sigmoid(ensemble(images)), by_hand, atol=1e-6)
+        assert not torch.allclose(by_hand, torch.sigmoid(members[0][0](images)), atol=1e-3)
+
+
+def test_an_ensemble_of_unlike_members_is_refused(tmp_path):
+    torch.manual_seed(0)
+    first = save_checkpoint(tmp_path / "a", create_model(TINY.model, 3), TINY)
+    wider = replace(TINY, model={"unet_width": 8})
+    with pytest.raises(ValueError, match=r"model\.\*"):
+        save_ensemble(tmp_path / "e", [first, save_checkpoint(tmp_path / "b", create_model(wider.model, 3), wider)])
+    other_size = replace(TINY, data={"size": 64})
+    with pytest.raises(ValueError, match=r"data\.size"):
+        save_ensemble(tmp_path / "e", [first, save_checkpoint(tmp_path / "c", create_model(TINY.model, 3), other_size)])
+    with pytest.raises(ValueError, match="at least 2 members"):
+        save_ensemble(tmp_path / "e", [first])
+    pair = save_ensemble(tmp_path / "pair", [first, first])
+    with pytest.raises(ValueError, match="already an ensemble of 2"):
+        save_ensemble(tmp_path / "e", [pair, first])
+    assert not (tmp_path / "e").exists()

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 
 from raysegm.config import load_config, replace
-from raysegm.cv import fold_state, run_cv
+from raysegm.cv import run_cv
 from raysegm.data.discover import load_manifest
 from raysegm.evaluate import evaluate_checkpoint
-from raysegm.train import train
+from raysegm.train import run_state, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,9 +38,9 @@ def test_bad_requests_fail_before_any_training(tmp_path, synth_dir):
         run_cv(config, folds=3, resume=True)
     with pytest.raises(ValueError, match="models per fold, at least 1"):
         run_cv(replace(config, train={"ensemble": 0}), folds=3)
-    with pytest.raises(ValueError, match="read by raysegm cv"):  # a training run trains one model
-        train(replace(config, train={"ensemble": 2}))
-    assert fold_state(tmp_path / "cv" / "fold-0", 2) == "new"
+    with pytest.raises(ValueError, match="at least 1"):
+        train(replace(config, train={"ensemble": 0}))
+    assert run_state(tmp_path / "cv" / "fold-0", 2) == "new"
 
 
 @pytest.mark.slow
@@ -102,3 +102,29 @@ def test_an_ensemble_per_fold_trains_each_seed_and_scores_their_average(tmp_path
     # the members' seeds are part of what a cross-validation measures: resuming with another count is refused
     with pytest.raises(ValueError, match="train.ensemble"):
         run_cv(replace(config, train={"ensemble": 3}), folds=2, resume=True)
+
+
+@pytest.mark.slow
+def test_a_training_run_with_an_ensemble_leaves_one_checkpoint_that_scores_as_its_members(tmp_path, synth_dir, ray_session):
+    from raysegm.storage import best_checkpoint_of
+
+    config = replace(tiny_config(tmp_path, synth_dir, name="pair"), train={"ensemble": 2, "seed": 3})
+    result = train(config)
+    run_dir = tmp_path / "pair"
+    members = [json.loads((run_dir / f"seed-{seed}" / "result.json").read_text()) for seed in (3, 4)]
+    assert [json.loads((run_dir / f"seed-{s}" / "config.json").read_text())["train"]["seed"] for s in (3, 4)] == [3, 4]
+    assert best_checkpoint_of(run_dir) == result["best_checkpoint"] == str(run_dir / "ensemble-best")
+    manifest = run_dir / "seed-3" / "data" / "manifest.parquet"
+    alone = evaluate_checkpoint(run_dir, split="val", manifest=manifest)
+    listed = evaluate_checkpoint([m["best_checkpoint"] for m in members], split="val", manifest=manifest)
+    assert alone["per_patient"]["dice"]["mean"] == pytest.approx(listed["per_patient"]["dice"]["mean"], abs=1e-6)
+    assert result["best"]["val_per_patient_dice"] == pytest.approx(alone["per_patient"]["dice"]["mean"], abs=1e-6)
+    latest = evaluate_checkpoint(result["latest_checkpoint"], split="val", manifest=manifest)
+    assert latest["model_id"] != alone["model_id"] or members[0]["best_checkpoint"] == members[0]["latest_checkpoint"]
+
+    stamps = [(run_dir / f"seed-{s}" / "history.csv").stat().st_mtime_ns for s in (3, 4)]
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(config)
+    again = train(config, resume=True)  # both members finished: nothing retrains, the ensemble is rebuilt alike
+    assert [(run_dir / f"seed-{s}" / "history.csv").stat().st_mtime_ns for s in (3, 4)] == stamps
+    assert again["best"] == result["best"]

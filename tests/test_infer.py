@@ -18,7 +18,7 @@ import pytest
 import tifffile
 import torch
 
-from raysegm.checkpoint import load_model, model_id, save_checkpoint
+from raysegm.checkpoint import load_model, model_id, save_checkpoint, save_ensemble
 from raysegm.config import ExperimentConfig, InferSettings, replace
 from raysegm.data.discover import discover
 from raysegm.data.io import read_image, read_mask
@@ -296,6 +296,20 @@ def test_predictor_without_ray_matches_the_model_by_hand(untrained_checkpoint, a
     tta = SegmentationPredictor(untrained_checkpoint, {**InferSettings().__dict__, "tta": True}, device="cpu")
     rows = tta(_batch(images[:1], [(SIZE, SIZE)]))
     _assert_mask_is(decode_mask_png(rows["mask_png"][0]), (probs[0] + flipped[0]) / 2)
+
+
+def test_predictor_on_an_ensemble_checkpoint_averages_its_members(untrained_checkpoint, checkpoint, archive, tmp_path):
+    images, _ = _training_arrays(archive[0], tiny_config())
+    images = images[:3]
+    with torch.no_grad():
+        probs = sum(torch.sigmoid(load_model(member)[0](torch.from_numpy(images)))[:, 0]
+                    for member in (checkpoint, untrained_checkpoint)) / 2
+    ensemble = save_ensemble(tmp_path / "ensemble", [checkpoint, untrained_checkpoint])
+    rows = SegmentationPredictor(ensemble, InferSettings(), device="cpu")(_batch(images, [(SIZE, SIZE)] * 3))
+    assert (rows["model"] == model_id(ensemble)).all() and model_id(ensemble) != model_id(checkpoint)
+    for i in range(3):
+        _assert_mask_is(decode_mask_png(rows["mask_png"][i]), probs[i])
+        assert rows["max_prob"][i] == pytest.approx(float(probs[i].max()), abs=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -117,6 +117,7 @@ def test_the_default_grid_is_the_designs_24_trials():
     (['tune.extra_axes={"train.nope": [1]}'], "unknown config key"),
     (["scale.num_workers=2", "tune.batch_sizes=[4, 5]"], "must split evenly across scale.num_workers 2"),
     (["tune.asha=true", "tune.asha_grace_epochs=3"], "asha_grace_epochs must be between 1 and train.epochs"),
+    (["train.ensemble=2"], "a study's trial trains one model"),
 ])
 def test_a_study_that_cannot_run_is_refused_before_ray(tmp_path, overrides, message):
     config = tiny_config(tmp_path, "refused", *overrides)
