@@ -9,6 +9,7 @@ promise the whole machine.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -26,13 +27,41 @@ import psutil
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Worker port ranges live in [WORKER_LOW, WORKER_HIGH): above Ray's own default worker range
+# (10002-19999, used by the session's `ray.init`) and below the ephemeral range, where every
+# port from `_free_ports` comes from. A range drawn inside the ephemeral range can overlap a
+# component port drawn for another node ("worker_ports is trying to use a port number ... that
+# is used by other components").
+WORKER_LOW = 20000
+WORKER_HIGH = max(WORKER_LOW + 200, min(_ephemeral_low(), 65536))
+
+
+_bands = itertools.count(os.getpid())
+
+
+def _next_worker_band() -> int:
+    """200 worker ports (50 for each of up to 4 nodes), a different band for each cluster this process starts."""
+    slots = (WORKER_HIGH - WORKER_LOW) // 200
+    return WORKER_LOW + (next(_bands) % slots) * 200
+
+
 def _free_ports(count: int) -> list[int]:
+    """`count` distinct ports the kernel says are free now, none inside the worker band."""
     sockets, ports = [], []
-    for _ in range(count):
+    while len(ports) < count:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("", 0))
         sockets.append(sock)
-        ports.append(sock.getsockname()[1])
+        port = sock.getsockname()[1]
+        if not WORKER_LOW <= port < WORKER_HIGH:
+            ports.append(port)
     for sock in sockets:
         sock.close()
     return ports
@@ -55,7 +84,7 @@ class LocalRayCluster:
         self.memory = int(memory_gb * 1e9)
         self.object_store = int(object_store_gb * 1e9)
         self.nodes: dict[str, set[int]] = {}
-        worker_base = 20000 + (self.port % 200) * 200
+        worker_base = _next_worker_band()
         self._worker_ports = iter(range(worker_base, worker_base + 200, 50))
 
     @property
