@@ -39,17 +39,17 @@ def _ephemeral_low() -> int:
 # port from `_free_ports` comes from. A range drawn inside the ephemeral range can overlap a
 # component port drawn for another node ("worker_ports is trying to use a port number ... that
 # is used by other components").
+NODE_PORTS = 50  # worker ports per node
+BAND_PORTS = 4 * NODE_PORTS  # per cluster: a head and up to 3 nodes
 WORKER_LOW = 20000
-WORKER_HIGH = max(WORKER_LOW + 200, min(_ephemeral_low(), 65536))
-
-
+WORKER_HIGH = max(WORKER_LOW + BAND_PORTS, _ephemeral_low())
 _bands = itertools.count(os.getpid())
 
 
 def _next_worker_band() -> int:
-    """200 worker ports (50 for each of up to 4 nodes), a different band for each cluster this process starts."""
-    slots = (WORKER_HIGH - WORKER_LOW) // 200
-    return WORKER_LOW + (next(_bands) % slots) * 200
+    """First port of a band of BAND_PORTS, a different band for each cluster this process starts."""
+    slots = (WORKER_HIGH - WORKER_LOW) // BAND_PORTS
+    return WORKER_LOW + (next(_bands) % slots) * BAND_PORTS
 
 
 def _free_ports(count: int) -> list[int]:
@@ -85,7 +85,7 @@ class LocalRayCluster:
         self.object_store = int(object_store_gb * 1e9)
         self.nodes: dict[str, set[int]] = {}
         worker_base = _next_worker_band()
-        self._worker_ports = iter(range(worker_base, worker_base + 200, 50))
+        self._worker_ports = iter(range(worker_base, worker_base + BAND_PORTS, NODE_PORTS))
 
     @property
     def address(self) -> str:
@@ -132,7 +132,7 @@ class LocalRayCluster:
                 f"--memory={self.memory}", f"--object-store-memory={self.object_store}",
                 f"--temp-dir={self.temp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={self.client_port}",
-                f"--min-worker-port={base}", f"--max-worker-port={base + 49}", "--disable-usage-stats",
+                f"--min-worker-port={base}", f"--max-worker-port={base + NODE_PORTS - 1}", "--disable-usage-stats",
                 *_port_flags(self._head_ports)]
         if resources:
             args.append(f"--resources={_json(resources)}")
@@ -147,7 +147,7 @@ class LocalRayCluster:
         base = next(self._worker_ports)
         args = [RAY_BIN, "start", f"--address={self.address}", f"--num-cpus={num_cpus}",
                 f"--memory={int(memory_gb * 1e9)}", f"--object-store-memory={int(object_store_gb * 1e9)}",
-                f"--min-worker-port={base}", f"--max-worker-port={base + 49}", "--disable-usage-stats",
+                f"--min-worker-port={base}", f"--max-worker-port={base + NODE_PORTS - 1}", "--disable-usage-stats",
                 *_port_flags(_free_ports(6))]
         if resources:
             args.append(f"--resources={_json(resources)}")
