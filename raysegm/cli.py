@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
     p.add_argument("--postprocess", choices=POSTPROCESS, default="none",
                    help="lcc: keep the largest 3D connected component per volume; "
-                        "fill_holes: fill the holes of each slice's mask")
+                        "fill_holes: fill the holes of each slice's mask; lcc+fill_holes: both, in that order")
     p.set_defaults(handler=_evaluate)
 
     p = sub.add_parser("infer", help="segment every slice of an archive into Parquet")

@@ -152,6 +152,8 @@ def postprocess_volume(masks: np.ndarray, postprocess: str) -> np.ndarray:
         return largest_connected_component(masks)
     if postprocess == "fill_holes":
         return fill_holes(masks)
+    if postprocess == "lcc+fill_holes":  # the largest component first, then its holes
+        return fill_holes(largest_connected_component(masks))
     if postprocess == "none":
         return masks.astype(bool)
     raise ValueError(f"postprocess: unknown {postprocess!r} (expected one of {POSTPROCESS})")

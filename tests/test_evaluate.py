@@ -178,7 +178,8 @@ def test_a_run_folder_is_scored_with_its_best_checkpoint(all_test_manifest, tmp_
         evaluate_checkpoint(tmp_path / "run", split="test")
 
 
-@pytest.mark.parametrize("tta, postprocess", [(True, "none"), (False, "lcc"), (True, "lcc"), (False, "fill_holes")])
+@pytest.mark.parametrize("tta, postprocess", [(True, "none"), (False, "lcc"), (True, "lcc"), (False, "fill_holes"),
+                                              (True, "lcc+fill_holes")])
 def test_tta_and_postprocessing_score_as_computed_by_hand(all_test_manifest, tmp_path, tta, postprocess):
     from scipy import ndimage
 
@@ -199,11 +200,11 @@ def test_tta_and_postprocessing_score_as_computed_by_hand(all_test_manifest, tmp
             if tta:  # p = (sigmoid(f(x)) + flip(sigmoid(f(flip(x))))) / 2, flip along the width
                 probabilities = (probabilities + torch.flip(torch.sigmoid(model(torch.flip(x, [-1]))), [-1])) / 2
         pred = (F.interpolate(probabilities, size=(64, 64), mode="bilinear") > 0.5).numpy()[:, 0]
-        if postprocess == "lcc":
+        if postprocess in ("lcc", "lcc+fill_holes"):
             kept = largest_connected_component(pred)
             components_removed += int(pred.sum() - kept.sum())
             pred = kept
-        if postprocess == "fill_holes":  # each slice on its own, 2D
+        if postprocess in ("fill_holes", "lcc+fill_holes"):  # each slice on its own, 2D, after lcc
             filled = np.stack([ndimage.binary_fill_holes(mask) for mask in pred])
             holes_filled += int(filled.sum() - pred.sum())
             pred = filled
@@ -211,9 +212,9 @@ def test_tta_and_postprocessing_score_as_computed_by_hand(all_test_manifest, tmp
         tp, fp, fn = (pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()
         expected = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
         assert table.loc[volume_id, "dice"] == pytest.approx(expected)
-    if postprocess == "lcc":
+    if "lcc" in postprocess:
         assert components_removed > 0, "the check needs predictions with more than one component"
-    if postprocess == "fill_holes":
+    if "fill_holes" in postprocess:
         assert holes_filled > 0, "the check needs predictions with holes"
     assert summary["tta"] is tta and summary["postprocess"] == postprocess
     assert summary["per_patient"]["dice"]["mean"] != pytest.approx(plain["per_patient"]["dice"]["mean"])

@@ -37,6 +37,7 @@ from raysegm.infer import (
     infer,
     largest_connected_component,
     part_name,
+    postprocess_volume,
     read_slices,
     reject_key,
 )
@@ -211,6 +212,19 @@ def test_fill_holes_fills_each_slice_and_never_removes_tumor():
     expected = np.ones((5, 5), dtype=bool)
     expected[0, 0] = False
     np.testing.assert_array_equal(fill_holes(diagonal_gap)[0], expected)
+
+
+def test_lcc_then_fill_holes_keeps_the_largest_blob_then_fills_its_holes():
+    masks = np.zeros((1, 20, 20), dtype=bool)
+    masks[0, 1:8, 1:8] = True
+    masks[0, 3:6, 3:6] = False  # a ring of 40 pixels around a 9-pixel hole
+    masks[0, 10:19, 10:15] = True  # a solid blob of 45 pixels
+    masks[0, 11:13, 11:13] = False  # with a 4-pixel hole: 41 pixels
+    expected = np.zeros_like(masks)
+    expected[0, 10:19, 10:15] = True  # the blob (41 > 40) kept, then its hole filled
+    np.testing.assert_array_equal(postprocess_volume(masks, "lcc+fill_holes"), expected)
+    # the other order would fill the ring first (49 > 45) and keep it instead
+    assert largest_connected_component(fill_holes(masks))[0, 4, 4]
 
 
 def test_committed_volume_has_its_holes_filled_and_error_rows_untouched():
