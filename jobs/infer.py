@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from raysegm.config import load_config
+from raysegm.config import POSTPROCESS, load_config
 from raysegm.infer import infer
 
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tta", action="store_true", default=None, help="horizontal-flip test-time augmentation")
-    parser.add_argument("--postprocess", choices=["none", "lcc"], default=None)
+    parser.add_argument("--postprocess", choices=POSTPROCESS, default=None)
     parser.add_argument("--address", default="auto" if os.environ.get("RAY_ADDRESS") else None)
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)

@@ -119,7 +119,8 @@ class TuneSettings:
     mlflow_tracking_uri: str = ""  # log trials to MLflow here (needs the mlflow extra); "" = off
 
 
-POSTPROCESS = ("none", "lcc", "fill_holes", "lcc+fill_holes")  # infer.postprocess, raysegm.infer.postprocess_volume
+# infer.postprocess, raysegm.infer.postprocess_volume: steps joined by "+", applied left to right
+POSTPROCESS = ("none", "lcc", "lcc_slices", "fill_holes", "lcc+fill_holes", "lcc_slices+fill_holes")
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,9 @@ class InferSettings:
     gpus_per_replica: float = 0.0  # 1 on a GPU cluster
     torch_threads: int = 2  # torch intra-op threads per replica
     tta: bool = False  # horizontal-flip test-time augmentation
-    postprocess: str = "none"  # none, lcc (largest 3D component per volume), fill_holes (per slice) or lcc+fill_holes
+    # none, lcc (the 3D component with the most voxels), lcc_slices (the one spanning the most slices),
+    # fill_holes (per slice), lcc+fill_holes or lcc_slices+fill_holes
+    postprocess: str = "none"
     threshold: float = 0.5  # tumor where probability > threshold (the metric contract)
     precision: str = "auto"  # auto: bf16 (fp16 where unsupported) autocast on CUDA, fp32 on CPU; or fp32
     read_cpus: float = 0.25  # CPUs per Ray Data read+decode+preprocess task

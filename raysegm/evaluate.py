@@ -30,9 +30,9 @@ def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "
     checkpoint: a checkpoint folder, or a run folder (its result.json names the best checkpoint).
     The slices come from `manifest` (Parquet), else from `data_dir` prepared with the checkpoint's own
     split settings, else from the manifest the checkpoint was trained on. Unlabeled slices cannot be
-    scored: they are counted in `unlabeled_slices` and left out. `tta` and `postprocess` ("none", "lcc" or
-    "fill_holes") are the inference options of the same names (raysegm.infer). With `out`, writes
-    out/per_patient.csv and out/summary.json.
+    scored: they are counted in `unlabeled_slices` and left out. `tta` and `postprocess` (one of
+    raysegm.config.POSTPROCESS) are the inference options of the same names (raysegm.infer). With
+    `out`, writes out/per_patient.csv and out/summary.json.
     Returns the SegmentationMeter summary plus checkpoint, model_id, model_name, split, manifest,
     unlabeled_slices, tta, postprocess.
     """

@@ -122,17 +122,27 @@ def decode_mask_png(data: bytes) -> np.ndarray:
         return np.asarray(png.convert("L")) > 127
 
 
-def largest_connected_component(masks: np.ndarray) -> np.ndarray:
+def largest_connected_component(masks: np.ndarray, by: str = "voxels") -> np.ndarray:
     """(Z, H, W) bool -> the largest 3D connected component alone (face connectivity, scipy.ndimage.label).
 
     Buda et al.'s post-processing: tumor outside the biggest blob is taken for false positives. Empty in,
     empty out; the result is a subset of the input (it never adds tumor); ties keep the lowest label.
+    by: "voxels" keeps the component with the most voxels (Buda et al.); "slices" the one that spans the
+    most slices (from the first slice it touches to the last), ties broken by voxels. A glioma is a
+    volume; a bright structure the model takes for tumor (a periventricular rim, say) can hold as many
+    voxels in fewer slices, and then wins on voxels alone.
     """
+    if by not in ("voxels", "slices"):
+        raise ValueError(f"by: unknown {by!r} (expected 'voxels' or 'slices')")
     labels, count = ndimage.label(masks)
     if count <= 1:
         return masks.astype(bool)
     sizes = np.bincount(labels.ravel())[1:]
-    return labels == 1 + int(np.argmax(sizes))
+    score = sizes
+    if by == "slices":
+        spans = np.array([box[0].stop - box[0].start for box in ndimage.find_objects(labels)], dtype=np.int64)
+        score = spans * (int(sizes.max()) + 1) + sizes  # the span first, then the voxels
+    return labels == 1 + int(np.argmax(score))
 
 
 def fill_holes(masks: np.ndarray) -> np.ndarray:
@@ -147,16 +157,17 @@ def fill_holes(masks: np.ndarray) -> np.ndarray:
 
 
 def postprocess_volume(masks: np.ndarray, postprocess: str) -> np.ndarray:
-    """(Z, H, W) bool masks of one volume, in slice order -> the masks after `postprocess` (POSTPROCESS)."""
-    if postprocess == "lcc":
-        return largest_connected_component(masks)
-    if postprocess == "fill_holes":
-        return fill_holes(masks)
-    if postprocess == "lcc+fill_holes":  # the largest component first, then its holes
-        return fill_holes(largest_connected_component(masks))
-    if postprocess == "none":
-        return masks.astype(bool)
-    raise ValueError(f"postprocess: unknown {postprocess!r} (expected one of {POSTPROCESS})")
+    """(Z, H, W) bool masks of one volume, in slice order -> the masks after `postprocess` (POSTPROCESS).
+
+    Its steps, joined by "+", run left to right: the component is chosen before its holes are filled.
+    """
+    if postprocess not in POSTPROCESS:
+        raise ValueError(f"postprocess: unknown {postprocess!r} (expected one of {POSTPROCESS})")
+    steps = {"none": lambda m: m, "lcc": largest_connected_component, "fill_holes": fill_holes,
+             "lcc_slices": lambda m: largest_connected_component(m, by="slices")}
+    for step in postprocess.split("+"):
+        masks = steps[step](masks)
+    return masks.astype(bool)
 
 
 def probabilities(model, inputs, tta: bool = False):

@@ -179,7 +179,7 @@ def test_a_run_folder_is_scored_with_its_best_checkpoint(all_test_manifest, tmp_
 
 
 @pytest.mark.parametrize("tta, postprocess", [(True, "none"), (False, "lcc"), (True, "lcc"), (False, "fill_holes"),
-                                              (True, "lcc+fill_holes")])
+                                              (True, "lcc+fill_holes"), (True, "lcc_slices+fill_holes")])
 def test_tta_and_postprocessing_score_as_computed_by_hand(all_test_manifest, tmp_path, tta, postprocess):
     from scipy import ndimage
 
@@ -200,11 +200,11 @@ def test_tta_and_postprocessing_score_as_computed_by_hand(all_test_manifest, tmp
             if tta:  # p = (sigmoid(f(x)) + flip(sigmoid(f(flip(x))))) / 2, flip along the width
                 probabilities = (probabilities + torch.flip(torch.sigmoid(model(torch.flip(x, [-1]))), [-1])) / 2
         pred = (F.interpolate(probabilities, size=(64, 64), mode="bilinear") > 0.5).numpy()[:, 0]
-        if postprocess in ("lcc", "lcc+fill_holes"):
-            kept = largest_connected_component(pred)
+        if postprocess.startswith("lcc"):
+            kept = largest_connected_component(pred, by="slices" if "slices" in postprocess else "voxels")
             components_removed += int(pred.sum() - kept.sum())
             pred = kept
-        if postprocess in ("fill_holes", "lcc+fill_holes"):  # each slice on its own, 2D, after lcc
+        if postprocess.endswith("fill_holes"):  # each slice on its own, 2D, after lcc
             filled = np.stack([ndimage.binary_fill_holes(mask) for mask in pred])
             holes_filled += int(filled.sum() - pred.sum())
             pred = filled

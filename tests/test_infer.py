@@ -191,6 +191,28 @@ def test_largest_connected_component_keeps_the_biggest_3d_blob():
     assert largest_connected_component(diagonal).sum() == 1
 
 
+def test_lcc_by_slices_keeps_the_blob_spanning_most_slices():
+    masks = np.zeros((6, 12, 12), dtype=bool)
+    masks[1, 0:6, 0:6] = True  # 36 voxels in one slice: the most voxels
+    masks[2:5, 8:11, 8:11] = True  # 27 voxels across slices 2-4: the most slices
+    masks[0:3, 8, 0] = True  # 3 voxels across slices 0-2: as many slices as the 27, fewer voxels
+    tall = np.zeros_like(masks)
+    tall[2:5, 8:11, 8:11] = True
+    np.testing.assert_array_equal(largest_connected_component(masks, by="slices"), tall)
+    wide = np.zeros_like(masks)
+    wide[1, 0:6, 0:6] = True
+    np.testing.assert_array_equal(largest_connected_component(masks), wide)  # by voxels
+    np.testing.assert_array_equal(postprocess_volume(masks, "lcc_slices"), tall)
+    twins = np.zeros((2, 5, 5), dtype=bool)
+    twins[:, 0, 0] = twins[:, 4, 4] = True  # the same span and voxels: the lowest label stays
+    assert largest_connected_component(twins, by="slices")[:, 0, 0].all()
+    assert largest_connected_component(twins, by="slices").sum() == 2
+    with pytest.raises(ValueError, match="by: unknown 'area'"):
+        largest_connected_component(masks, by="area")
+    with pytest.raises(ValueError, match=r"postprocess: unknown 'lcc\+lcc'"):
+        postprocess_volume(masks, "lcc+lcc")
+
+
 def test_fill_holes_fills_each_slice_and_never_removes_tumor():
     masks = np.zeros((3, 9, 9), dtype=bool)
     masks[0, 1:6, 1:6] = True
