@@ -72,7 +72,7 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    loss: str = "bce"  # bce, dice, bce_dice
+    loss: str = "bce"  # bce, dice, bce_dice, topk_bce, topk_bce_dice (raysegm/losses.py)
     optimizer: str = "adam"  # adam or adamw
     lr: float = 1e-4  # paper 4.3
     weight_decay: float = 0.0

@@ -55,11 +55,37 @@ class BCEDiceLoss(nn.Module):
         return self.bce(logits, target) + self.dice(logits, target)
 
 
-LOSSES = {"bce": BCELoss, "dice": DiceLoss, "bce_dice": BCEDiceLoss}
+class TopKBCELoss(nn.Module):
+    """BCE averaged over the hardest `fraction` of the batch's pixels only (nnU-Net's TopK10 cross-entropy).
+
+    top_k(l, k) with l_i = -g_i log p_i - (1 - g_i) log(1 - p_i), k = max(1, floor(fraction * pixels)): the
+    many background pixels already right drop out of the mean, so confident mistakes carry the loss.
+    """
+
+    fraction = 0.10
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(logits.device.type, enabled=False):
+            logits, target = _float32(logits, target)
+            per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten()
+            k = max(1, int(per_pixel.numel() * self.fraction))
+            return per_pixel.topk(k, sorted=False).values.mean()
+
+
+class TopKBCEDiceLoss(BCEDiceLoss):
+    """`topk_bce` + `dice`, unweighted (nnU-Net's DC_and_topk_loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bce = TopKBCELoss()
+
+
+LOSSES = {"bce": BCELoss, "dice": DiceLoss, "bce_dice": BCEDiceLoss,
+          "topk_bce": TopKBCELoss, "topk_bce_dice": TopKBCEDiceLoss}
 
 
 def make_loss(name: str) -> nn.Module:
-    """The loss called `name` (bce, dice, bce_dice): module(logits, target) -> scalar float32 tensor."""
+    """The loss called `name` (one of LOSSES): module(logits, target) -> scalar float32 tensor."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
     return LOSSES[name]()

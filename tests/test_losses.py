@@ -53,7 +53,28 @@ def test_dice_sums_over_the_whole_batch_not_per_image():
     assert abs(loss - per_image_mean) > 0.1
 
 
-@pytest.mark.parametrize("name", ["dice", "bce_dice"])
+def test_topk_bce_by_hand():
+    # 20 pixels: the 10% hardest are 2, the two confident mistakes; the 18 right pixels drop out
+    logits = torch.full((1, 1, 4, 5), -3.0)
+    target = torch.zeros(1, 1, 4, 5)
+    logits[0, 0, 0, 0], logits[0, 0, 1, 1] = 2.0, 4.0  # predicted tumor on background
+    target[0, 0, 2, 2], logits[0, 0, 2, 2] = 1.0, 3.0  # tumor, predicted right: an easy pixel
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731  (BCE of logit x on background)
+    expected = (softplus(2.0) + softplus(4.0)) / 2
+    assert make_loss("topk_bce")(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    plain = make_loss("bce")(logits, target).item()
+    assert plain < expected / 5  # the plain mean dilutes the same mistakes over all 20 pixels
+    dice = make_loss("dice")(logits, target).item()
+    assert make_loss("topk_bce_dice")(logits, target).item() == pytest.approx(expected + dice, rel=1e-6)
+
+
+def test_topk_bce_keeps_at_least_one_pixel():
+    logits = torch.tensor([1.0, -2.0, 0.5]).reshape(1, 1, 1, 3)
+    target = torch.zeros(1, 1, 1, 3)
+    assert make_loss("topk_bce")(logits, target).item() == pytest.approx(math.log1p(math.exp(1.0)), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dice", "bce_dice", "topk_bce_dice"])
 def test_a_batch_without_tumor_still_pays_for_predicted_tumor(name):
     target = torch.zeros(2, 1, 8, 8)
     everywhere = make_loss(name)(torch.full_like(target, LOGIT), target).item()
@@ -71,7 +92,7 @@ def test_smp_dice_loss_is_blind_on_a_batch_without_tumor():
     assert smp_dice(torch.full_like(target, -LOGIT), target).item() == 0.0
 
 
-@pytest.mark.parametrize("name", ["bce", "dice", "bce_dice"])
+@pytest.mark.parametrize("name", ["bce", "dice", "bce_dice", "topk_bce", "topk_bce_dice"])
 def test_losses_compute_in_float32_under_autocast(name):
     torch.manual_seed(0)
     logits = torch.randn(2, 1, 16, 16).bfloat16()
@@ -82,11 +103,12 @@ def test_losses_compute_in_float32_under_autocast(name):
     assert under_autocast.item() == pytest.approx(make_loss(name)(logits.float(), target).item(), rel=1e-6)
 
 
-def test_losses_fall_as_logits_fit_the_target():
+@pytest.mark.parametrize("name", ["bce_dice", "topk_bce_dice"])
+def test_losses_fall_as_logits_fit_the_target(name):
     torch.manual_seed(0)
     target = (torch.rand(2, 1, 8, 8) > 0.7).float()
     logits = torch.zeros_like(target, requires_grad=True)
-    loss_fn = make_loss("bce_dice")
+    loss_fn = make_loss(name)
     optimizer = torch.optim.Adam([logits], lr=0.5)
     first = loss_fn(logits, target).item()
     for _ in range(50):
