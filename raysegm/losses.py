@@ -46,9 +46,11 @@ class DiceLoss(nn.Module):
 class BCEDiceLoss(nn.Module):
     """`bce` + `dice`, unweighted."""
 
+    bce_term = BCELoss
+
     def __init__(self):
         super().__init__()
-        self.bce = BCELoss()
+        self.bce = self.bce_term()
         self.dice = DiceLoss()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -75,9 +77,7 @@ class TopKBCELoss(nn.Module):
 class TopKBCEDiceLoss(BCEDiceLoss):
     """`topk_bce` + `dice`, unweighted (nnU-Net's DC_and_topk_loss)."""
 
-    def __init__(self):
-        super().__init__()
-        self.bce = TopKBCELoss()
+    bce_term = TopKBCELoss
 
 
 LOSSES = {"bce": BCELoss, "dice": DiceLoss, "bce_dice": BCEDiceLoss,
