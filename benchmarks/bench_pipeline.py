@@ -1,10 +1,13 @@
 """Slices per second the data pipeline delivers to a trainer, against bare baselines, in one run.
 
-    python benchmarks/bench_pipeline.py [--data-dir DIR] [--size 256] [--epochs 3] [--batch-size 16]
+    python benchmarks/bench_pipeline.py [--data-dir DIR] [--size 256] [--context-slices 0] [--epochs 3]
+        [--batch-size 16]
 
 On the training split of the data (default: a synthetic 12-patient set at 128 px written to a
-temporary folder), with and without augmentation, three ways:
-- ray: build_dataset(...).iter_torch_batches, as a Ray Train worker iterates its shard;
+temporary folder), with and without augmentation, four ways:
+- ray: build_dataset(...).iter_torch_batches, as a Ray Train worker iterates its shard, with the read
+  workers' cache of decoded slices (data.read_cache_mb, the default);
+- ray, no cache: the same with data.read_cache_mb = 0, so every pass decodes every file again;
 - loop: the same load_slice function (decode, resize, augment, scale) in a plain Python loop;
 - torch DataLoader: the same function in a torch Dataset, 2 worker processes.
 Each is timed over --epochs passes. The first Ray pass includes starting the Ray Data workers, so
@@ -16,12 +19,14 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from raysegm.config import DataSettings
+from raysegm.data.context import with_context
 from raysegm.data.discover import prepare
 from raysegm.data.pipeline import build_dataset, load_slice, tensor_collate
 from raysegm.data.preprocess import build_augmenter
@@ -63,10 +68,11 @@ def rate(passes: list[tuple[int, float]]) -> float:
 def compare(manifest, records: list[dict], data: DataSettings, augment: bool, batch_size: int, epochs: int) -> None:
     """Time the three ways over the training split and print slices/s and the ratios."""
     dataset = build_dataset(manifest, "train", data, augment=augment)
+    uncached = build_dataset(manifest, "train", replace(data, read_cache_mb=0), augment=augment)
 
     collate = tensor_collate()
 
-    def ray_pass():
+    def ray_pass(dataset=dataset):
         return sum(len(b["image"]) for b in dataset.iter_torch_batches(batch_size=batch_size, collate_fn=collate))
 
     def loop_pass():
@@ -84,6 +90,7 @@ def compare(manifest, records: list[dict], data: DataSettings, augment: bool, ba
     def loader_pass():
         return sum(len(images) for images, _ in loader)
 
+    uncached_passes = timed_passes(lambda: ray_pass(uncached), epochs)
     ray_passes = timed_passes(ray_pass, epochs)
     loop_passes = timed_passes(loop_pass, epochs)
     loader_passes = timed_passes(loader_pass, epochs)
@@ -92,12 +99,16 @@ def compare(manifest, records: list[dict], data: DataSettings, augment: bool, ba
     print(f"[{label}] ray first pass {ray_passes[0][0] / ray_passes[0][1]:.1f} slices/s (includes worker start-up)")
     print(f"[{label}] ray {ray_rate:.1f} slices/s | loop {loop_rate:.1f} | torch DataLoader(2 workers) "
           f"{loader_rate:.1f} | ray/loop {ray_rate / loop_rate:.2f} | ray/DataLoader {ray_rate / loader_rate:.2f}")
+    uncached_rate = rate(uncached_passes)
+    print(f"[{label}] ray without the read cache {uncached_rate:.1f} slices/s | ray/ray without cache "
+          f"{ray_rate / uncached_rate:.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", help="dataset in any supported layout (default: synthetic 128 px)")
     parser.add_argument("--size", type=int, default=256, help="slice side after resizing")
+    parser.add_argument("--context-slices", type=int, default=0, help="2.5D neighbours on each side")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the local ray.init")
@@ -110,16 +121,18 @@ def main() -> None:
     data_dir = args.data_dir or generate_dataset(scratch / "kaggle_3m", patients=12, slices=16, size=128)
     manifest, _ = prepare(data_dir, scratch / "manifest.parquet")
     rows = manifest[manifest["split"] == "train"]
-    records = rows.to_dict("records")
+    records = with_context(rows.reset_index(drop=True), args.context_slices).to_dict("records")
+    data = DataSettings(size=args.size, context_slices=args.context_slices)
     ray.init(num_cpus=args.num_cpus, object_store_memory=int(1e9), include_dashboard=False,
              configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"{len(rows)} training slices of {rows['volume_id'].nunique()} volumes from {data_dir}; "
-          f"size {args.size}, batch {args.batch_size}, {args.epochs} passes each, "
-          f"read_cpus {DataSettings().read_cpus}, ray num_cpus {args.num_cpus}")
+          f"size {args.size}, context_slices {args.context_slices}, batch {args.batch_size}, {args.epochs} passes each, "
+          f"read_cpus {DataSettings().read_cpus}, read_cache_mb {DataSettings().read_cache_mb}, "
+          f"ray num_cpus {args.num_cpus}")
 
     for augment in (False, True):
-        compare(manifest, records, DataSettings(size=args.size), augment, args.batch_size, args.epochs)
+        compare(manifest, records, data, augment, args.batch_size, args.epochs)
     ray.shutdown()
 
 

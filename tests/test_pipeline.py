@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from raysegm.config import DataSettings
+from raysegm.data.context import with_context
 from raysegm.data.discover import prepare
-from raysegm.data.io import read_image, read_mask
-from raysegm.data.pipeline import build_dataset, load_slice, load_slices, oversample_tumor
+from raysegm.data.io import DataError, read_image, read_mask
+from raysegm.data.pipeline import (
+    ReadCache,
+    build_dataset,
+    load_slice,
+    load_slices,
+    oversample_tumor,
+    read_cache_key,
+    read_resized,
+)
 from raysegm.data.preprocess import (
     augment,
     augment_intensity,
@@ -230,6 +240,74 @@ def _collect(dataset):
 def synth_manifest(synth_dir, tmp_path_factory):
     manifest, _ = prepare(synth_dir, tmp_path_factory.mktemp("pipe") / "manifest.parquet")
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------------
+# the read cache of the read workers
+
+
+def test_read_cache_keeps_the_most_recently_used_entries_within_its_budget():
+    cache = ReadCache(max_bytes=250)
+    entry = {name: (np.full(100, i, np.uint8),) for i, name in enumerate("abcd")}
+    reads = []
+
+    def get(name):
+        return cache.get(name, lambda: (reads.append(name), entry[name])[1])
+
+    get("a"), get("b"), get("a")  # a is now the most recently used
+    get("c")  # 300 bytes > 250: b, the least recently used, goes
+    assert (cache.hits, cache.misses, cache.nbytes) == (1, 3, 200)
+    get("a"), get("b"), get("a")  # a hit; b is read again and c, now the oldest, goes; a hit
+    assert reads == ["a", "b", "c", "b"] and (cache.hits, cache.nbytes) == (3, 200)
+    big = cache.get("big", lambda: (np.zeros(251, np.uint8),))  # larger than the budget: returned, not kept
+    assert big[0].size == 251 and cache.nbytes == 200 and "big" not in cache._entries
+    with pytest.raises(ValueError, match="read-only"):
+        get("a")[0][0] = 7  # an entry cannot be changed by whoever reads it
+
+
+def test_read_cache_returns_what_reading_returns_on_real_25d_rows(lgg_sample, tmp_path):
+    manifest, _ = prepare(lgg_sample, tmp_path / "manifest.parquet")
+    data = DataSettings(size=64, context_slices=1, normalize="volume_zscore", intensity_augment=0.5,
+                        sequence_dropout=0.2)
+    records = with_context(manifest.reset_index(drop=True), 1).iloc[::7].to_dict("records")
+    cache = ReadCache(max_bytes=2**30)
+    for epoch in range(2):  # the second pass is all hits, through the same augmentation draws
+        plain_aug, cached_aug = build_augmenter(data, seed=epoch), build_augmenter(data, seed=epoch)
+        plain_rng, cached_rng = np.random.default_rng(epoch), np.random.default_rng(epoch)
+        for record in records:
+            plain = load_slice(record, data, plain_aug, plain_rng)
+            cached = load_slice(record, data, cached_aug, cached_rng, cache)
+            np.testing.assert_array_equal(cached[0], plain[0])
+            np.testing.assert_array_equal(cached[1], plain[1])
+        assert (cache.misses, cache.hits) == (len(records), epoch * len(records))
+    image, mask = read_resized(records[0], data)
+    assert image.shape == (64, 64, 9) and mask.shape == (64, 64) and image.dtype == mask.dtype == np.uint8
+    assert cache.nbytes == len(records) * (image.nbytes + mask.nbytes)
+
+
+def test_read_cache_reads_a_changed_file_again_and_keeps_nothing_unreadable(synth_manifest, tmp_path):
+    import os
+    import shutil
+
+    import tifffile
+
+    record = synth_manifest[synth_manifest["has_tumor"]].iloc[0].to_dict()
+    for column in ("image_path", "mask_path"):  # a private copy: the fixture's files stay as they are
+        record[column] = shutil.copy(record[column], tmp_path)
+    data = DataSettings(size=32)
+    cache = ReadCache(max_bytes=2**20)
+    before = load_slice(record, data, cache=cache)[0]
+    tifffile.imwrite(record["image_path"], 255 - tifffile.imread(record["image_path"]), photometric="rgb")
+    status = os.stat(record["image_path"])
+    os.utime(record["image_path"], ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))
+    after = load_slice(record, data, cache=cache)[0]
+    assert cache.misses == 2 and not np.array_equal(after, before)
+    np.testing.assert_array_equal(after, load_slice(record, data)[0])
+    Path(record["image_path"]).write_bytes(b"not a tif")
+    for _ in range(2):  # the error is raised each time: nothing was kept for it
+        with pytest.raises(DataError, match=record["image_path"]):
+            load_slice(record, data, cache=cache)
+    assert len(cache._entries) == 2 and read_cache_key(record, data) not in cache._entries
 
 
 def test_lgg_validation_split_streams_every_slice_once_preprocessed(ray_session, lgg_sample, tmp_path):

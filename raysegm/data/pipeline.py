@@ -23,9 +23,16 @@ order and the augmentation differ between epochs.
   epoch is not offered.
 - Validation and test splits: no augmentation, oversampling or shuffle; every slice exactly once, in
   manifest order.
+- Decoding a slice (three tifs with 2.5D input) is most of a read task's time, and every epoch reads
+  the same files. Each read worker process therefore keeps what it decoded and resized, up to
+  data.read_cache_mb (`ReadCache`); augmentation and scaling still run on every pass.
 """
 
 from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -33,7 +40,7 @@ import pandas as pd
 from raysegm.config import DataSettings
 from raysegm.data.context import context_columns, read_input, with_context
 from raysegm.data.discover import STATS_PERCENTILES
-from raysegm.data.io import DataError, read_mask
+from raysegm.data.io import DataError, is_missing, read_mask
 from raysegm.data.preprocess import augment as augment_pair
 from raysegm.data.preprocess import (
     augment_intensity,
@@ -60,20 +67,93 @@ def oversample_tumor(rows: pd.DataFrame, factor: float, seed: int = 0) -> pd.Dat
     return rows.loc[rows.index.repeat(repeats)].reset_index(drop=True)
 
 
-def load_slice(record, data: DataSettings, augmenter=None, rng=None) -> tuple[np.ndarray, np.ndarray]:
+class ReadCache:
+    """Decoded, resized rows kept by one read worker process across epochs: a least-recently-used map
+    from a row's files (path, size and modification time of each) and data.size to its resized image
+    stack (S, S, C) and mask (S, S), at most `max_bytes` in all. Entries are read-only arrays.
+
+    Ray re-executes the dataset on every epoch in the same few worker processes (data.read_tasks caps
+    them), so from the second epoch on a row costs its augmentation and scaling, not its decoding. A
+    hit returns exactly what reading and resizing returns; a changed file is a new key; a worker that
+    restarts starts empty.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = self.hits = self.misses = 0
+        self._entries: OrderedDict = OrderedDict()
+
+    def get(self, key, read: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
+        self.misses += 1
+        entry = read()
+        for array in entry:
+            array.flags.writeable = False
+        size = sum(array.nbytes for array in entry)
+        if size <= self.max_bytes:
+            self._entries[key] = entry
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self.nbytes -= sum(array.nbytes for array in dropped)
+        return entry
+
+
+_PROCESS_CACHE: ReadCache | None = None
+
+
+def process_read_cache(max_mb: float) -> ReadCache | None:
+    """This process's ReadCache at `max_mb` MB (None when 0), kept from one read task to the next."""
+    global _PROCESS_CACHE
+    if max_mb <= 0:
+        return None
+    max_bytes = int(max_mb * 2**20)
+    if _PROCESS_CACHE is None or _PROCESS_CACHE.max_bytes != max_bytes:
+        _PROCESS_CACHE = ReadCache(max_bytes)
+    return _PROCESS_CACHE
+
+
+def _file_key(path) -> tuple:
+    status = os.stat(path)
+    return str(path), status.st_size, status.st_mtime_ns
+
+
+def read_cache_key(record, data: DataSettings) -> tuple:
+    """What a row's resized image and mask depend on: its files as they are now, and the settings."""
+    paths = record["context_paths"] if data.context_slices else [record["image_path"]]
+    slices = record["context_slices"] if data.context_slices else [record["slice_index"]]
+    images = tuple(_file_key(path) + (int(index),) for path, index in zip(paths, slices))
+    mask = None if is_missing(record.get("mask_path")) else _file_key(record["mask_path"])
+    return images, mask, int(record["slice_index"]), data.size, data.in_channels, data.context_slices
+
+
+def read_resized(record, data: DataSettings) -> tuple[np.ndarray, np.ndarray]:
+    """One manifest row -> image (S, S, C) as read_image's dtype and mask (S, S) uint8 in {0, 1}."""
+    image = read_input(record, data)
+    mask = read_mask(record)
+    if mask is None:
+        raise DataError(record["image_path"], "no mask: only labeled slices can be trained or validated on")
+    return resize_image(image, data.size), preprocess_mask(mask, data.size)[0].astype(np.uint8)
+
+
+def load_slice(record, data: DataSettings, augmenter=None, rng=None,
+               cache: ReadCache | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One manifest row -> image (C, S, S) float32 and mask (1, S, S) float32 in {0, 1}, S = data.size,
     C = data.model_channels (the slice and its context slices, raysegm.data.context).
 
     The steps of `preprocess_image` / `preprocess_mask`, with the augmentation (when an augmenter from
     `build_augmenter` is given) between the resize and the scaling, and the intensity augmentation
-    (`augment_intensity`, when a numpy Generator `rng` is given) after the scaling.
+    (`augment_intensity`, when a numpy Generator `rng` is given) after the scaling. With a `cache`, the
+    read and resize come from it where it holds the row.
     """
-    image = read_input(record, data)
-    mask = read_mask(record)
-    if mask is None:
-        raise DataError(record["image_path"], "no mask: only labeled slices can be trained or validated on")
-    image = resize_image(image, data.size)
-    mask = preprocess_mask(mask, data.size)[0].astype(np.uint8)
+    if cache is None:
+        image, mask = read_resized(record, data)
+    else:
+        image, mask = cache.get(read_cache_key(record, data), lambda: read_resized(record, data))
     if augmenter is not None:
         image, mask = augment_pair(image, mask, augmenter)
     image = scale_image(image, data, record)
@@ -89,6 +169,7 @@ def load_slices(batch: pd.DataFrame, data: DataSettings, augment: bool) -> dict[
     (B,) int32. Augmentation, when on, draws fresh entropy for each batch.
     """
     augmenter = rng = None
+    cache = process_read_cache(data.read_cache_mb)
     if augment:
         seed = int(np.random.SeedSequence().generate_state(1)[0])
         augmenter = build_augmenter(data, seed=seed)
@@ -97,7 +178,7 @@ def load_slices(batch: pd.DataFrame, data: DataSettings, augment: bool) -> dict[
     images = np.empty((len(batch), data.model_channels, data.size, data.size), dtype=np.float32)
     masks = np.empty((len(batch), 1, data.size, data.size), dtype=np.float32)
     for i, record in enumerate(batch.to_dict("records")):
-        images[i], masks[i] = load_slice(record, data, augmenter, rng)
+        images[i], masks[i] = load_slice(record, data, augmenter, rng, cache)
     return {
         "image": images,
         "mask": masks,
