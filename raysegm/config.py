@@ -47,7 +47,7 @@ class DataSettings:
     tumor_oversample: float = 1.0  # sampling weight of tumor slices relative to tumor-free ones
     read_cpus: float = 0.25  # CPUs per Ray Data decode/augment task
     read_tasks: int = 2  # most decode/augment tasks at once (0: no cap); few stay warm across epochs
-    read_cache_mb: float = 512  # per decode/augment worker: decoded, resized slices kept across epochs (0: off)
+    read_cache_mb: float = 512  # per decode/augment worker process: decoded, resized slices kept across epochs (0: off)
 
     @property
     def model_channels(self) -> int:

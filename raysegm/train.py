@@ -104,7 +104,7 @@ def check_settings(config: ExperimentConfig) -> None:
                          f"across scale.num_workers {s.num_workers}")
     if config.data.context_slices < 0:
         raise ValueError(f"data.context_slices must be >= 0, got {config.data.context_slices}")
-    if config.data.read_cache_mb < 0:
+    if not config.data.read_cache_mb >= 0:  # NaN too
         raise ValueError(f"data.read_cache_mb must be >= 0 (0: off), got {config.data.read_cache_mb}")
     for key in ("intensity_augment", "sequence_dropout"):
         if not 0 <= getattr(config.data, key) <= 1:

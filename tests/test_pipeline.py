@@ -310,6 +310,38 @@ def test_read_cache_reads_a_changed_file_again_and_keeps_nothing_unreadable(synt
     assert len(cache._entries) == 2 and read_cache_key(record, data) not in cache._entries
 
 
+def test_read_cache_on_per_modality_nifti_files_and_on_rows_it_cannot_key(tmp_path):
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    for modality in range(3):  # nnU-Net's CASE_0000..CASE_0002: image_path joins the three files by |
+        volume = rng.integers(0, 3000, size=(40, 30, 5)).astype(np.int16)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / f"case_{modality:04d}.nii.gz")
+    mask = np.zeros((40, 30, 5), np.uint8)
+    mask[10:20, 5:15, 1:3] = 1
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), tmp_path / "case_seg.nii.gz")
+    manifest, _ = prepare(tmp_path, tmp_path / "out" / "manifest.parquet")
+    rows = with_context(manifest.reset_index(drop=True), 1)
+    assert rows["image_path"].str.count("[|]").eq(2).all()
+    data = DataSettings(size=32, context_slices=1, normalize="volume_zscore")
+    cache = ReadCache(max_bytes=2**30)
+    for _ in range(2):
+        for record in rows.to_dict("records"):
+            cached = load_slice(record, data, cache=cache)
+            np.testing.assert_array_equal(cached[0], load_slice(record, data)[0])
+            np.testing.assert_array_equal(cached[1], load_slice(record, data)[1])
+    assert (cache.misses, cache.hits) == (len(rows), len(rows))
+    # a row the cache cannot key is read as without it, and fails as that read does
+    record = rows.iloc[0].to_dict()
+    missing = {**record, "context_paths": [str(tmp_path / "gone_0000.nii.gz")] * 3}
+    with pytest.raises(DataError, match="gone_0000"):
+        load_slice(missing, data, cache=cache)
+    no_context = {key: value for key, value in record.items() if key not in ("context_paths", "context_slices")}
+    with pytest.raises(ValueError, match="no context columns"):
+        load_slice(no_context, data, cache=cache)
+    assert (cache.misses, cache.hits) == (len(rows), len(rows))
+
+
 def test_lgg_validation_split_streams_every_slice_once_preprocessed(ray_session, lgg_sample, tmp_path):
     manifest, _ = prepare(lgg_sample, tmp_path / "manifest.parquet")
     data = DataSettings(size=64, intensity_augment=1.0, sequence_dropout=1.0)  # training-only: never here

@@ -53,6 +53,7 @@ def read_history(run_dir: Path) -> pd.DataFrame:
     ("train", {"batch_size": 7}, "must split evenly across scale.num_workers 2"),
     ("data", {"context_slices": -1}, "data.context_slices must be >= 0"),
     ("data", {"read_cache_mb": -1}, "data.read_cache_mb must be >= 0"),
+    ("data", {"read_cache_mb": float("nan")}, "data.read_cache_mb must be >= 0"),
     ("data", {"intensity_augment": 1.5}, "data.intensity_augment is a probability"),
     ("data", {"sequence_dropout": -0.1}, "data.sequence_dropout is a probability"),
     ("data", {"sequence_dropout": 0.1, "in_channels": 1}, "data.sequence_dropout needs the three sequences"),

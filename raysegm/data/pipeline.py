@@ -38,9 +38,9 @@ import numpy as np
 import pandas as pd
 
 from raysegm.config import DataSettings
-from raysegm.data.context import context_columns, read_input, with_context
+from raysegm.data.context import CONTEXT_COLUMNS, context_columns, read_input, with_context
 from raysegm.data.discover import STATS_PERCENTILES
-from raysegm.data.io import DataError, is_missing, read_mask
+from raysegm.data.io import PATH_SEPARATOR, DataError, is_missing, read_mask
 from raysegm.data.preprocess import augment as augment_pair
 from raysegm.data.preprocess import (
     augment_intensity,
@@ -72,10 +72,13 @@ class ReadCache:
     from a row's files (path, size and modification time of each) and data.size to its resized image
     stack (S, S, C) and mask (S, S), at most `max_bytes` in all. Entries are read-only arrays.
 
-    Ray re-executes the dataset on every epoch in the same few worker processes (data.read_tasks caps
-    them), so from the second epoch on a row costs its augmentation and scaling, not its decoding. A
-    hit returns exactly what reading and resizing returns; a changed file is a new key; a worker that
-    restarts starts empty.
+    Ray re-executes the dataset on every epoch, and its read tasks land on the same few warm worker
+    processes (data.read_tasks caps how many run at once), so from the second epoch on most rows cost
+    their augmentation and scaling, not their decoding. A row hits only in a process that read it
+    before, so each process builds its own copy: memory is up to `max_bytes` per process that has run
+    a read task, outside Ray's object store. A hit returns exactly what reading and resizing returns; a
+    file rewritten to another size or modification time is a new key; a worker that restarts starts
+    empty.
     """
 
     def __init__(self, max_bytes: int):
@@ -118,16 +121,29 @@ def process_read_cache(max_mb: float) -> ReadCache | None:
 
 
 def _file_key(path) -> tuple:
-    status = os.stat(path)
-    return str(path), status.st_size, status.st_mtime_ns
+    """(path, size, mtime) of each file of a source; a NIfTI case names its modalities joined by |."""
+    keys = []
+    for part in str(path).split(PATH_SEPARATOR):
+        status = os.stat(part)
+        keys.append((part, status.st_size, status.st_mtime_ns))
+    return tuple(keys)
 
 
-def read_cache_key(record, data: DataSettings) -> tuple:
-    """What a row's resized image and mask depend on: its files as they are now, and the settings."""
+def read_cache_key(record, data: DataSettings) -> tuple | None:
+    """What a row's resized image and mask depend on: its files as they are now, and the settings.
+
+    None where a file cannot be found or the row lacks its context columns: the row is then read
+    without the cache, so the read raises its own error naming the file and the reason.
+    """
+    if data.context_slices and not all(column in record for column in CONTEXT_COLUMNS):
+        return None
     paths = record["context_paths"] if data.context_slices else [record["image_path"]]
     slices = record["context_slices"] if data.context_slices else [record["slice_index"]]
-    images = tuple(_file_key(path) + (int(index),) for path, index in zip(paths, slices))
-    mask = None if is_missing(record.get("mask_path")) else _file_key(record["mask_path"])
+    try:
+        images = tuple((_file_key(path), int(index)) for path, index in zip(paths, slices))
+        mask = None if is_missing(record.get("mask_path")) else _file_key(record["mask_path"])
+    except OSError:
+        return None
     return images, mask, int(record["slice_index"]), data.size, data.in_channels, data.context_slices
 
 
@@ -150,10 +166,11 @@ def load_slice(record, data: DataSettings, augmenter=None, rng=None,
     (`augment_intensity`, when a numpy Generator `rng` is given) after the scaling. With a `cache`, the
     read and resize come from it where it holds the row.
     """
-    if cache is None:
+    key = None if cache is None else read_cache_key(record, data)
+    if key is None:
         image, mask = read_resized(record, data)
     else:
-        image, mask = cache.get(read_cache_key(record, data), lambda: read_resized(record, data))
+        image, mask = cache.get(key, lambda: read_resized(record, data))
     if augmenter is not None:
         image, mask = augment_pair(image, mask, augmenter)
     image = scale_image(image, data, record)
