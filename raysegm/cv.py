@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raysegm.config import ExperimentConfig, from_dict, replace, save_json, to_dict
+from raysegm.config import RUN_ONLY, ExperimentConfig, from_dict, replace, save_json, to_dict
 
 
 def run_cv(config: ExperimentConfig, folds: int = 5, only: list[int] | None = None, resume: bool = False) -> dict:
@@ -76,10 +76,11 @@ def members(fold: int, config: ExperimentConfig) -> list[tuple[str, int]]:
 
 
 def _check_same(saved: dict, config: ExperimentConfig, path: Path) -> None:
-    # Where and how it runs may change on resume; what it measures may not.
+    # Where and how it runs may change on resume (scale, run, RUN_ONLY); what it measures may not.
     current, saved = to_dict(config), to_dict(from_dict(saved))  # keys added since take their defaults
     changed = [f"{section}.{key}" for section in ("data", "model", "train", "infer")
-               for key in current[section] if saved[section][key] != current[section][key]]
+               for key in current[section]
+               if key not in RUN_ONLY.get(section, ()) and saved[section][key] != current[section][key]]
     if changed:
         raise ValueError(f"{path}: the cross-validation was started with other settings ({', '.join(changed)}); "
                          f"resume it with the same config or choose another run.name")

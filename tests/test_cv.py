@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raysegm.config import load_config, replace
-from raysegm.cv import run_cv
+from raysegm.config import RUN_ONLY, ExperimentConfig, load_config, replace, to_dict
+from raysegm.cv import _check_same, run_cv
 from raysegm.data.discover import load_manifest
 from raysegm.evaluate import evaluate_checkpoint
 from raysegm.train import run_state, train
@@ -41,6 +41,18 @@ def test_bad_requests_fail_before_any_training(tmp_path, synth_dir):
     with pytest.raises(ValueError, match="at least 1"):
         train(replace(config, train={"ensemble": 0}))
     assert run_state(tmp_path / "cv" / "fold-0", 2) == "new"
+
+
+def test_a_resume_may_change_how_it_runs_but_not_what_it_measures(tmp_path):
+    config = ExperimentConfig()
+    saved = to_dict(config)
+    for section, keys in RUN_ONLY.items():
+        for key in keys:
+            assert hasattr(getattr(config, section), key), f"RUN_ONLY names no setting {section}.{key}"
+    _check_same(saved, replace(config, data={"read_tasks": 1, "read_cache_mb": 0, "read_cpus": 0.5},
+                               infer={"replicas": 2, "batch_size": 4}, scale={"num_workers": 1}), tmp_path)
+    with pytest.raises(ValueError, match=r"\(data\.context_slices, infer\.tta\)"):
+        _check_same(saved, replace(config, data={"context_slices": 1, "read_tasks": 1}, infer={"tta": True}), tmp_path)
 
 
 @pytest.mark.slow
@@ -82,6 +94,9 @@ def test_three_folds_score_every_patient_once_and_resume_keeps_them(tmp_path, sy
     assert again["per_patient"]["dice"]["mean"] == pytest.approx(dice["mean"])
     with pytest.raises(ValueError, match="other settings"):
         run_cv(replace(config, train={"lr": 0.1}), folds=3, resume=True)
+    # how it runs may change: read workers, their cache, the scoring's batches; the scores stay the same
+    rerun = replace(config, data={"read_tasks": 1, "read_cache_mb": 0}, infer={"batch_size": 3})
+    assert run_cv(rerun, folds=3, resume=True)["per_patient"]["dice"]["mean"] == pytest.approx(dice["mean"])
 
 
 @pytest.mark.slow
