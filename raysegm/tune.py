@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from raysegm.config import ExperimentConfig, from_dict, replace, save_json, to_dict
+from raysegm.config import RUN_ONLY, ExperimentConfig, from_dict, replace, save_json, to_dict
 from raysegm.train import VAL_METRIC
 
 TUNE_DIR = "tune"
@@ -63,9 +63,10 @@ COMPONENTS = {
     "unet_resnet50": frozenset({"ResNet encoder"}),
     "unet_resnet50_attention": frozenset({"ResNet encoder", "attention"}),
 }
-# Keys that may change when a study is resumed: where and how it runs, not what it measures.
-RESUMABLE_KEYS = ("scale.", "run.", "infer.", "data.manifest", "tune.max_concurrent_trials", "tune.trial_cpus",
-                  "tune.mlflow_tracking_uri")
+# Keys that may change when a study is resumed: where and how it runs, not what it measures. The data
+# ones of RUN_ONLY (read workers, their cache) are applied to the resumed trials; data.manifest is not.
+RESUMABLE_KEYS = ("scale.", "run.", "infer.", "data.manifest", *(f"data.{key}" for key in RUN_ONLY["data"]),
+                  "tune.max_concurrent_trials", "tune.trial_cpus", "tune.mlflow_tracking_uri")
 # The paper's Table 5 as printed (accuracy, Dice, IoU, loss).
 PAPER_TABLE5 = [
     ("Baseline Model (Dattangire et al.)", 0.95, 0.85, 0.75, None),
@@ -221,6 +222,7 @@ def _resumed_config(study_dir: Path, config: ExperimentConfig) -> ExperimentConf
         raise ValueError(f"cannot resume {study_dir} with a different experiment: "
                          + ", ".join(f"{key} {before[key]!r} -> {after.get(key)!r}" for key in changed))
     operational = {section: to_dict(config)[section] for section in ("scale", "infer")}
+    operational["data"] = {key: getattr(config.data, key) for key in RUN_ONLY["data"]}
     operational["tune"] = {key: getattr(config.tune, key)
                            for key in ("max_concurrent_trials", "trial_cpus", "mlflow_tracking_uri")}
     return replace(saved, **operational)

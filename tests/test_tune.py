@@ -20,6 +20,7 @@ import pytest
 from raysegm.config import load_config, replace, save_json
 from raysegm.metrics import bootstrap_ci, paired_bootstrap_diff
 from raysegm.tune import (
+    _resumed_config,
     check_study,
     paired_differences,
     read_launches,
@@ -137,6 +138,23 @@ def test_an_existing_study_needs_resume_and_resume_needs_the_same_experiment(tmp
     changed = replace(config, train={"epochs": 5})
     with pytest.raises(ValueError, match=r"train.epochs 2 -> 5"):
         run_study(changed, resume=True)
+
+
+def test_a_resumed_study_takes_new_read_settings_and_keeps_what_it_measures(tmp_path):
+    config = tiny_config(tmp_path, "held")
+    (tmp_path / "held").mkdir()
+    save_json(config, tmp_path / "held" / "config.json")
+    # Read workers and their cache change how trials run, not what they train: taken and applied.
+    faster = replace(config, data={"read_cpus": 0.5, "read_tasks": 4, "read_cache_mb": 0},
+                     scale={"torch_threads": 2})
+    resumed = _resumed_config(tmp_path / "held", faster)
+    assert (resumed.data.read_cpus, resumed.data.read_tasks, resumed.data.read_cache_mb) == (0.5, 4, 0)
+    assert resumed.scale.torch_threads == 2
+    assert resumed.data.size == config.data.size == 64
+    # The data that is trained on is not: a new size or context is refused, naming each setting.
+    other = replace(faster, data={"size": 32, "context_slices": 1})
+    with pytest.raises(ValueError, match=r"data.context_slices 0 -> 1, data.size 64 -> 32"):
+        _resumed_config(tmp_path / "held", other)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow is installed here")
