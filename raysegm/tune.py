@@ -64,7 +64,8 @@ COMPONENTS = {
     "unet_resnet50_attention": frozenset({"ResNet encoder", "attention"}),
 }
 # Keys that may change when a study is resumed: where and how it runs, not what it measures. The data
-# ones of RUN_ONLY (read workers, their cache) are applied to the resumed trials; data.manifest is not.
+# ones of RUN_ONLY (read workers, their cache) are applied to the resumed trials; data.manifest may be
+# left out or differ, and the study keeps the one it resolved at its start.
 RESUMABLE_KEYS = ("scale.", "run.", "infer.", "data.manifest", *(f"data.{key}" for key in RUN_ONLY["data"]),
                   "tune.max_concurrent_trials", "tune.trial_cpus", "tune.mlflow_tracking_uri")
 # The paper's Table 5 as printed (accuracy, Dice, IoU, loss).
