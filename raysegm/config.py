@@ -143,11 +143,12 @@ class InferSettings:
     object_store_mb: int = 0  # object-store budget of the job (reads wait beyond it); 0: 8 batches per replica, >= 32
 
 
-# Settings of data and infer that change how a run runs (processes, memory, batching of the scoring), not
-# what it trains or measures: `raysegm cv --resume` lets them change.
+# Settings that change how a run runs (processes, memory, batching of the scoring, tracking), not what it
+# trains or measures: `raysegm cv --resume` and `raysegm tune --resume` let them change.
 RUN_ONLY = {"data": ("read_cpus", "read_tasks", "read_cache_mb"),
             "infer": ("batch_size", "replicas", "cpus_per_replica", "gpus_per_replica", "torch_threads",
-                      "read_cpus", "read_tasks", "local_num_cpus", "object_store_mb")}
+                      "read_cpus", "read_tasks", "local_num_cpus", "object_store_mb"),
+            "tune": ("max_concurrent_trials", "trial_cpus", "mlflow_tracking_uri")}
 
 
 @dataclass(frozen=True)

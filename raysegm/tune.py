@@ -64,10 +64,11 @@ COMPONENTS = {
     "unet_resnet50_attention": frozenset({"ResNet encoder", "attention"}),
 }
 # Keys that may change when a study is resumed: where and how it runs, not what it measures. The data
-# ones of RUN_ONLY (read workers, their cache) are applied to the resumed trials; data.manifest may be
-# left out or differ, and the study keeps the one it resolved at its start.
-RESUMABLE_KEYS = ("scale.", "run.", "infer.", "data.manifest", *(f"data.{key}" for key in RUN_ONLY["data"]),
-                  "tune.max_concurrent_trials", "tune.trial_cpus", "tune.mlflow_tracking_uri")
+# and tune ones of RUN_ONLY (read workers, their cache, trials at once, tracking) are applied to the
+# resumed study; data.manifest may be left out or differ, and the study keeps the one it resolved at its start.
+RESUMED_RUN_ONLY = ("data", "tune")
+RESUMABLE_KEYS = ("scale.", "run.", "infer.", "data.manifest",
+                  *(f"{section}.{key}" for section in RESUMED_RUN_ONLY for key in RUN_ONLY[section]))
 # The paper's Table 5 as printed (accuracy, Dice, IoU, loss).
 PAPER_TABLE5 = [
     ("Baseline Model (Dattangire et al.)", 0.95, 0.85, 0.75, None),
@@ -223,9 +224,8 @@ def _resumed_config(study_dir: Path, config: ExperimentConfig) -> ExperimentConf
         raise ValueError(f"cannot resume {study_dir} with a different experiment: "
                          + ", ".join(f"{key} {before[key]!r} -> {after.get(key)!r}" for key in changed))
     operational = {section: to_dict(config)[section] for section in ("scale", "infer")}
-    operational["data"] = {key: getattr(config.data, key) for key in RUN_ONLY["data"]}
-    operational["tune"] = {key: getattr(config.tune, key)
-                           for key in ("max_concurrent_trials", "trial_cpus", "mlflow_tracking_uri")}
+    for section in RESUMED_RUN_ONLY:
+        operational[section] = {key: getattr(getattr(config, section), key) for key in RUN_ONLY[section]}
     return replace(saved, **operational)
 
 
