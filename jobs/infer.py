@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
-from raysegm.config import POSTPROCESS, load_config
-from raysegm.infer import infer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working directory's raysegm, uninstalled
+
+from raysegm.config import POSTPROCESS, load_config  # noqa: E402
+from raysegm.infer import infer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,9 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postprocess", choices=POSTPROCESS, default=None)
     parser.add_argument("--address", default="auto" if os.environ.get("RAY_ADDRESS") else None)
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    infer(args.checkpoint, args.input, args.output, config.infer, tta=args.tta, postprocess=args.postprocess,
-          ray_address=args.address)
+    try:
+        config = load_config(args.config, args.overrides)
+        infer(args.checkpoint, args.input, args.output, config.infer, tta=args.tta, postprocess=args.postprocess,
+              ray_address=args.address)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"jobs/infer.py: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -155,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the summary and per-patient table here")
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
     p.add_argument("--postprocess", choices=POSTPROCESS, default="none",
-                   help="lcc: keep the largest 3D connected component per volume; "
-                        "fill_holes: fill the holes of each slice's mask; lcc+fill_holes: both, in that order")
+                   help="lcc: keep the largest 3D connected component per volume (lcc_slices: the one "
+                        "spanning the most slices); fill_holes: fill the holes of each slice's mask; "
+                        "lcc+fill_holes, lcc_slices+fill_holes: both, in that order")
     p.set_defaults(handler=_evaluate)
 
     p = sub.add_parser("infer", help="segment every slice of an archive into Parquet")

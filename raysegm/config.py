@@ -83,7 +83,7 @@ class TrainSettings:
     batch_size: int = 16  # global batch, split across workers (paper 4.3.1)
     precision: str = "fp32"  # fp32, bf16 or fp16 autocast (fp16 only on CUDA)
     channels_last: bool = False  # NHWC model and batches (torch.channels_last): faster convolutions on CPU and CUDA
-    seed: int = 0  # model init, sampling and augmentation
+    seed: int = 0  # model init, tumor-slice oversampling and the shuffle (augmentation draws fresh entropy)
     ensemble: int = 1  # models trained (seeds seed, seed + 1, ...) whose probabilities are averaged: one checkpoint
 
 

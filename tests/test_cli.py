@@ -62,3 +62,14 @@ def test_bad_override_from_the_console_script():
 def test_missing_config_file_is_named(capsys):
     assert main(["train", "--config", "configs/no-such-preset.yaml"]) == 2
     assert "config file not found: configs/no-such-preset.yaml" in capsys.readouterr().err
+
+
+def test_infer_job_names_a_missing_checkpoint(tmp_path):
+    # The job script as `ray job submit` runs it: a clear error and exit status 2, not a traceback.
+    missing = tmp_path / "no-such-run"
+    proc = subprocess.run([sys.executable, "jobs/infer.py", "--checkpoint", str(missing), "--input", str(tmp_path),
+                           "--output", str(tmp_path / "masks")], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("jobs/infer.py: error:") and str(missing) in proc.stderr
+    assert "Traceback" not in proc.stderr
