@@ -359,10 +359,15 @@ def test_k_fold_partitions_the_volumes():
     assert sorted(len(v) for v in validation) == [2, 2, 2, 3, 3]
 
 
-@pytest.mark.parametrize("kwargs", [{"folds": 13}, {"folds": 1}, {"folds": 3, "fold": 3},
-                                    {"val_fraction": 0.5, "test_fraction": 0.5}, {"val_fraction": -0.1}])
-def test_bad_split_settings_are_errors(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"folds": 13}, "folds must be between 2 and the 12 volumes, got 13"),
+    ({"folds": 1}, "folds must be between 2 and the 12 volumes, got 1"),
+    ({"folds": 3, "fold": 3}, r"fold must be in 0\.\.2, got 3"),
+    ({"val_fraction": 0.5, "test_fraction": 0.5}, r"val \+ test < 1, got 0\.5 and 0\.5"),
+    ({"val_fraction": -0.1}, "got -0.1 and 0.2"),
+])
+def test_bad_split_settings_are_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         assign_splits([f"V{i}" for i in range(12)], **kwargs)
 
 

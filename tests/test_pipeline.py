@@ -80,19 +80,19 @@ def test_volume_stats_by_hand():
     assert listed["norm_low"] == [0.0] and listed["norm_high"] == [149.0]
 
 
-def test_preprocess_resizes_images_and_masks_by_nearest_neighbour():
+def test_preprocess_shrinks_images_by_area_and_masks_by_nearest_neighbour():
     image = np.full((128, 96, 3), 255, np.uint8)
-    image[:, :48] = 0
+    image[:, :49] = 0  # an edge off the 1.5x grid: output column 32 averages source columns 48 and half of 49
     out = preprocess_image(image, DataSettings(size=64), None)
     assert out.shape == (3, 64, 64) and out.dtype == np.float32
-    np.testing.assert_allclose(out[:, :, :30], 0.0)
-    np.testing.assert_allclose(out[:, :, 34:], 1.0)
-    mask = np.zeros((128, 96), np.uint8)
-    mask[32:96, 24:72] = 1
+    np.testing.assert_allclose(out[:, :, :32], 0.0)
+    np.testing.assert_allclose(out[:, :, 32], (0 * 1.0 + 255 * 0.5) / 1.5 / 255)  # area; nearest gives 0
+    np.testing.assert_allclose(out[:, :, 33:], 1.0)
+    mask = (np.random.default_rng(0).random((128, 96)) < 0.5).astype(np.uint8)
     small = preprocess_mask(mask, 64)
     assert small.shape == (1, 64, 64) and small.dtype == np.float32
-    assert set(np.unique(small)) == {0.0, 1.0}
-    assert small.sum() == pytest.approx(64 * 64 / 4, rel=0.05)
+    # nearest neighbour: output pixel (i, j) is source pixel (2i, floor(1.5j)), never a blend
+    np.testing.assert_array_equal(small[0], mask[np.arange(64) * 2][:, np.arange(64) * 3 // 2])
     assert resize_image(np.zeros((20, 20, 1), np.float32), 8).shape == (8, 8, 1)
 
 

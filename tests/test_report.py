@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from test_tune import ablation_study, tiny_config
 
@@ -57,7 +58,8 @@ def test_a_report_needs_a_finished_study(tmp_path):
 @pytest.fixture
 def hand_built_study(tmp_path):
     """A study folder as raysegm.tune leaves it, without Tune: two trials' checkpoints saved by hand
-    (untrained tiny U-Nets with a made-up history) on a small synthetic manifest."""
+    (untrained tiny U-Nets with a made-up history) on a small synthetic manifest. t1 is the better trial by
+    validation and the worse on test: its head is biased to predict nothing, t0's to predict everything."""
     from raysegm.checkpoint import save_checkpoint
     from raysegm.data.discover import manifest_for
     from raysegm.models import create_model
@@ -76,7 +78,10 @@ def hand_built_study(tmp_path):
         history = {e: {"epoch": e, "train_loss": 0.8 - 0.1 * e, "val_per_patient_dice": 0.2 * e + 0.1 * index,
                        "val_pooled_dice": 0.2 * e, "val_per_slice_mean_dice": 0.5, "lr": 0.003,
                        "epoch_time_s": 1.5, "train_images_per_s": 10.0} for e in (1, 2)}
-        save_checkpoint(study_dir / "trials" / f"trial-t{index}" / "checkpoint_0", create_model(trial_config.model),
+        torch.manual_seed(index)
+        model = create_model(trial_config.model)
+        torch.nn.init.constant_(model.head.bias, -20.0 if variant == "unet_attention" else 20.0)
+        save_checkpoint(study_dir / "trials" / f"trial-t{index}" / "checkpoint_0", model,
                         trial_config, training_state={"epoch": 2, "history": history})
         trials.append({"trial_id": f"t{index}", "params": params, "error": None})
     (study_dir / "trials.json").write_text(json.dumps(trials))
@@ -88,6 +93,7 @@ def test_a_hand_built_study_gets_its_tables_and_report(hand_built_study):
     assert results["trial_id"].tolist() == ["t0", "t1"]
     assert results["best_epoch"].tolist() == [2, 2] and results["train_time_s"].tolist() == [3.0, 3.0]
     assert results["val_dice"].tolist() == pytest.approx([0.4, 0.5])
+    assert results["dice_mean"].tolist()[0] > 0.0 == results["dice_mean"].tolist()[1]  # t0 is better on test
     html_path = write_report(hand_built_study)
     assert html_path == hand_built_study / "report.html"
     images = check_report(hand_built_study)
