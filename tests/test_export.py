@@ -123,6 +123,44 @@ def test_unknown_format_is_an_error(output, tmp_path):
         export(output[0], to="jpeg", out=tmp_path)
 
 
+def test_nifti_export_puts_each_mask_on_its_source_voxels(tmp_path):
+    """Asymmetric masks on slices 0, 2 and 4 of a 24 x 40 x 5 NIfTI source, slice 1 an error row: each lands
+    on its own slice, unflipped and untransposed (H is the volume's first axis), the rest is zeros."""
+    affine = np.array([[0.0, -0.9, 0.0, 100.0], [1.1, 0.0, 0.0, -20.0], [0.0, 0.0, 3.0, 5.5], [0, 0, 0, 1]])
+    source = tmp_path / "cases" / "CASE7.nii.gz"
+    source.parent.mkdir()
+    nibabel.save(nibabel.Nifti1Image(np.zeros((24, 40, 5), np.int16), affine), source)
+    masks = {}
+    for k in (0, 2, 4):
+        masks[k] = np.zeros((24, 40), dtype=bool)
+        masks[k][2 + k:9 + k, 5:30 - 3 * k] = True  # an L: a bar plus a foot in one corner
+        masks[k][9 + k:12 + k, 5:8] = True
+    rows = pd.DataFrame({
+        "volume_id": "CASE7",
+        "slice_index": np.array([0, 1, 2, 4], dtype=np.int32),
+        "source": str(source),
+        "height": np.array([24, 0, 24, 24], dtype=np.int32),
+        "width": np.array([40, 0, 40, 40], dtype=np.int32),
+        "mask_png": [encode_mask_png(masks[0]), None, encode_mask_png(masks[2]), encode_mask_png(masks[4])],
+        "tumor_pixels": np.array([masks[0].sum(), 0, masks[2].sum(), masks[4].sum()], dtype=np.int64),
+        "max_prob": np.array([0.9, np.nan, 0.8, 0.7], dtype=np.float32),
+        "model": "0123456789abcdef",
+        "status": ["ok", "error", "ok", "ok"],
+        "error": [None, "CASE7.nii.gz: slice 1 unreadable", None, None],
+    })
+    out = OutputFolder(str(tmp_path / "masks"))
+    out.open({"model": "0123456789abcdef", "checkpoint": "c", "input": str(source.parent),
+              "settings": {"tta": False, "postprocess": "none", "threshold": 0.5}})
+    out.commit("CASE7", rows[SCHEMA.names])
+    export(tmp_path / "masks", to="nifti", out=tmp_path / "nii")
+    image = nibabel.load(tmp_path / "nii" / "CASE7.nii.gz")
+    np.testing.assert_allclose(image.affine, affine, atol=1e-6)
+    data = np.asarray(image.dataobj)
+    assert data.shape == (24, 40, 5) and data.dtype == np.uint8
+    for k in range(5):
+        np.testing.assert_array_equal(data[..., k], masks[k] if k in masks else 0, err_msg=f"slice {k}")
+
+
 @pytest.mark.slow
 def test_nifti_source_through_inference_keeps_its_affine(ray_session, tmp_path):
     """A FLAIR-only int16 NIfTI case segmented by a (tiny, untrained) model, exported back to NIfTI."""
