@@ -30,9 +30,9 @@ one place that sees every row of a volume, so it knows when a volume is complete
 renaming keeps the rule "a final name only ever holds a whole volume" simple. A rerun into the same
 output skips every volume whose part exists, removes leftover temporary files (the `.` prefix also hides
 them from pyarrow's dataset discovery), and finishes the rest. `_raysegm.json` (model id, checkpoint,
-the settings that change the masks) is written before any part; pyarrow ignores `_`-prefixed files, so
-`pandas.read_parquet(output)` reads the parts alone. Output of another checkpoint, or of the same one
-with other tta/postprocess/threshold, in the folder is an error. Two jobs must not write into one output
+input, the settings that change the masks) is written before any part; pyarrow ignores `_`-prefixed
+files, so `pandas.read_parquet(output)` reads the parts alone. Output of another checkpoint, of another
+input, or of the same ones with other tta/postprocess/threshold, in the folder is an error. Two jobs must not write into one output
 at the same time.
 
 Rows follow the contract's "Inference output" schema (`SCHEMA`). Error rows carry status "error", the
@@ -384,6 +384,13 @@ class OutputFolder:
                     f"{self.location}: holds the output of model {existing.get('model')} "
                     f"(checkpoint {existing.get('checkpoint')}), not of {metadata['model']} "
                     f"({metadata['checkpoint']}); write into another folder"
+                )
+            if "input" in existing and existing["input"] != metadata.get("input"):
+                # the committed parts are skipped by volume_id: another archive's volumes of the same
+                # name would be silently left out
+                raise ValueError(
+                    f"{self.location}: holds the masks of input {existing['input']}, not of "
+                    f"{metadata.get('input')}; write into another folder"
                 )
             for key in MASK_OUTPUTS:
                 if existing.get("settings", {}).get(key) != metadata["settings"][key]:

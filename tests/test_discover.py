@@ -126,6 +126,9 @@ def _plant_faults(root):
     (volume / f"{v}_99.tif").write_bytes(bytes(random.Random(0).randrange(256) for _ in range(3000)))
     faults[volume / f"{v}_99.tif"] = "unreadable tif"
 
+    shutil.copy(volume / f"{v}_8.tif", volume / f"{v}_08.tif")
+    faults[volume / f"{v}_08.tif"] = f"slice number 8 is also {v}_8.tif"
+
     (volume / "notes.bin").write_bytes(b"\x00\x01garbage")
     faults[volume / "notes.bin"] = "unsupported file type"
     return faults
@@ -316,6 +319,41 @@ def test_bad_nifti_cases_are_rejected_whole(tmp_path):
     assert "unreadable NIfTI" in reasons["cut.nii.gz"]
     assert "mask without image" in reasons["orphan_mask.nii.gz"]
     assert len(reasons) == 7
+
+
+def test_empty_non_finite_and_flairless_nifti_cases_are_rejected(tmp_path):
+    root = tmp_path / "nifti"
+    root.mkdir()
+    _save(np.zeros((8, 8, 4), np.int16), root / "good.nii.gz")
+    _save(np.zeros((8, 8, 0), np.int16), root / "empty.nii.gz")
+    nan = np.zeros((8, 8, 4), np.float32)
+    nan[1, 2, 3], nan[0, 0, 0] = np.nan, np.inf
+    _save(nan, root / "nan.nii.gz")
+    _save(np.zeros((8, 8, 4), np.int16), root / "lonely_0000.nii.gz")  # pre-contrast alone, no FLAIR
+    slices, rejects = discover(root)
+    assert slices["volume_id"].unique().tolist() == ["good"]
+    reasons = dict(zip(rejects["path"].map(lambda p: p.rsplit("/", 1)[1]), rejects["reason"]))
+    assert reasons == {"empty.nii.gz": "no voxels (shape (8, 8, 0))",
+                       "nan.nii.gz": "2 non-finite voxels (NaN or inf)",
+                       "lonely_0000.nii.gz": "case lonely has no FLAIR file (_0001)"}
+
+
+def test_a_trailing_axis_of_one_reads_as_discovered(tmp_path):
+    """Per-modality files and a mask of shape (X, Y, Z, 1): discovery and the slice readers agree."""
+    root = tmp_path / "nifti"
+    root.mkdir()
+    rng = np.random.default_rng(2)
+    modalities = [rng.normal(100 * (m + 1), 20, size=(12, 10, 5, 1)).astype(np.float32) for m in range(3)]
+    for m, volume in enumerate(modalities):
+        _save(volume, root / f"case_{m:04d}.nii.gz")
+    mask = np.zeros((12, 10, 5, 1), np.uint8)
+    mask[3:6, 2:7, 2] = 1
+    _save(mask, root / "case_mask.nii.gz")
+    slices, rejects = discover(root)
+    assert rejects.empty and slices["slice_index"].tolist() == [0, 1, 2, 3, 4]
+    record = slices.iloc[2].to_dict()
+    np.testing.assert_allclose(read_image(record), np.concatenate(modalities, axis=-1)[:, :, 2], rtol=1e-6)
+    np.testing.assert_array_equal(read_mask(record), mask[:, :, 2, 0])
 
 
 # ---------------------------------------------------------------------------------------------------

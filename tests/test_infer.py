@@ -495,6 +495,12 @@ def test_output_of_another_checkpoint_or_other_settings_is_an_error(archive, unt
     with pytest.raises(ValueError, match="tta=False"):
         infer(untrained_checkpoint, archive[0], tmp_path / "same", SETTINGS, tta=True)
     assert sorted(p.name for p in (tmp_path / "same").iterdir()) == [METADATA]
+    # another archive into the same folder: its volumes of committed names would be skipped, so refused
+    model = {"model": "0123456789abcdef", "checkpoint": "c", "settings": settings}
+    OutputFolder(str(tmp_path / "one")).open({**model, "input": "/archive/a"})
+    assert OutputFolder(str(tmp_path / "one")).open({**model, "input": "/archive/a"}) == set()
+    with pytest.raises(ValueError, match="holds the masks of input /archive/a, not of /archive/b"):
+        OutputFolder(str(tmp_path / "one")).open({**model, "input": "/archive/b"})
 
 
 def test_channel_mismatch_is_an_error(archive, tmp_path):

@@ -3,7 +3,8 @@
 Layouts (product.md, Data):
 - `kaggle_3m`: patient folders `<PREFIX>_<inst>_<patient>_<date>/` holding `<folder>_<k>.tif` and
   `<folder>_<k>_mask.tif`; volume_id is the folder name, institution its second token, slice_index
-  the 1-based `k` (sorted numerically). A folder is `kaggle_3m` when its name has that shape and at
+  the 1-based `k` (sorted numerically; of two files with one `k`, `_1` and `_01`, the zero-padded one is
+  rejected). A folder is `kaggle_3m` when its name has that shape and at
   least one image in it is named `<folder>_<k>.tif`; other slice files in it are rejected by name.
 - `image`: any other folder of 2D images (tif, tiff, png), each optionally with a `<stem>_mask` twin.
   volume_id is the folder's path relative to the data folder (the data folder's own name for images
@@ -11,7 +12,8 @@ Layouts (product.md, Data):
   every image of the folder has a distinct one, otherwise the 0-based position in sorted name order.
 - `nifti`: `.nii`/`.nii.gz` cases, one 4D file (modalities last) or 3D file per case, or nnU-Net
   per-modality files `CASE_0000`, `CASE_0001`, `CASE_0002` (pre-contrast, FLAIR, post-contrast; a
-  missing pre- or post-contrast file is replaced by FLAIR, as `kaggle_3m` does); mask `CASE_mask` or
+  missing pre- or post-contrast file is replaced by FLAIR, as `kaggle_3m` does; a case without its
+  FLAIR file is rejected); a per-modality file or mask may carry a trailing axis of size 1; mask `CASE_mask` or
   `CASE_seg`. volume_id is CASE, slice_index the 0-based index along the last spatial axis; image_path
   is one path or the modality paths joined by `|` (see raysegm.data.io).
 
@@ -98,13 +100,17 @@ def _slice_numbers(folder: Path, images: dict[str, Path], kaggle: bool, rejects:
     """stem -> slice_index for the images of one folder (see the module docstring)."""
     if kaggle:
         pattern = re.compile(rf"^{re.escape(folder.name)}_(\d+)$")
-        numbers = {}
-        for stem, path in images.items():
+        numbers, taken = {}, {}  # stem -> k, k -> the file that has it
+        for stem, path in sorted(images.items(), key=lambda item: (len(item[0]), item[0])):
             match = pattern.match(stem)
-            if match and path.suffix.lower() in (".tif", ".tiff"):
-                numbers[stem] = int(match.group(1))
-            else:
+            if not (match and path.suffix.lower() in (".tif", ".tiff")):
                 rejects.add(path, f"name does not follow the kaggle_3m pattern {folder.name}_<k>.tif")
+                continue
+            number = int(match.group(1))
+            if number in taken:  # _1 and _01
+                rejects.add(path, f"slice number {number} is also {taken[number].name}")
+                continue
+            numbers[stem], taken[number] = number, path
         return numbers
     trailing = {stem: TRAILING_NUMBER.search(stem) for stem in images}
     if all(trailing.values()) and len({int(m.group(1)) for m in trailing.values()}) == len(images):
@@ -181,8 +187,6 @@ def _case_channels(case: str, whole: Path | None, modalities: dict[int, Path]) -
     if unexpected:
         raise DataError(modalities[unexpected[0]], f"modality _{unexpected[0]:04d} unexpected "
                                                    "(expected _0000, _0001, _0002)")
-    if len(modalities) == 1:
-        return list(modalities.values())
     if 1 not in modalities:
         raise DataError(next(iter(modalities.values())), f"case {case} has no FLAIR file (_0001)")
     return [modalities.get(0, modalities[1]), modalities[1], modalities.get(2, modalities[1])]
@@ -434,8 +438,12 @@ def prepare(data_dir, out, *, split_seed: int = 0, val_fraction: float = 0.2, te
     settings = {"data_dir": str(Path(data_dir).resolve()), "split_seed": split_seed,
                 "val_fraction": val_fraction, "test_fraction": test_fraction, "folds": folds, "fold": fold}
     out.parent.mkdir(parents=True, exist_ok=True)
+    # the rejects first, both atomically: a manifest on disk (which a rerun reuses) always has its rejects
+    rejects_csv = out.with_name(out.stem + ".rejects.csv")
+    temporary = rejects_csv.with_name(f".{rejects_csv.name}.{os.getpid()}.tmp")
+    rejects.to_csv(temporary, index=False)
+    os.replace(temporary, rejects_csv)
     _write_parquet(manifest, out, settings)
-    rejects.to_csv(out.with_name(out.stem + ".rejects.csv"), index=False)
     volumes = manifest.groupby("split")["volume_id"].nunique()
     slice_counts = manifest["split"].value_counts()
     split_text = ", ".join(f"{name} {volumes.get(name, 0)} volumes/{slice_counts.get(name, 0)} slices"
