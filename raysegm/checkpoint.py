@@ -114,7 +114,10 @@ def load_config_of(directory: str | Path) -> tuple[ExperimentConfig, dict]:
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
     summary = {key: raw.pop(key) for key in SUMMARY_KEYS if key in raw}
-    return from_dict(raw), summary
+    try:
+        return from_dict(raw), summary
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
 
 
 def _weights_path(directory: Path) -> Path:
@@ -139,13 +142,15 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         model = SeedEnsemble([model] + [create_model(settings, in_channels=in_channels)
                                         for _ in range(config.train.ensemble - 1)])
     path = _weights_path(directory)
-    if path.name == WEIGHTS:
-        state = load_file(str(path), device="cpu")
-    else:
-        try:
+    try:
+        if path.name == WEIGHTS:
+            state = load_file(str(path), device="cpu")
+        else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(f"{path}: refused, it holds objects other than tensors ({error})") from error
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path}: refused, it holds objects other than tensors ({error})") from error
+    except Exception as error:  # truncated or empty: whatever safetensors or torch raise, name the file
+        raise ValueError(f"{path}: unreadable weights ({type(error).__name__}: {error})") from error
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -192,6 +197,8 @@ def load_training_state(directory: str | Path) -> dict | None:
             f"{path}: refused: it holds pickled objects that torch.load(weights_only=True) does not allow "
             f"(only tensors, numbers, strings, lists and dicts are loaded): {error}"
         ) from error
+    except Exception as error:  # truncated or empty
+        raise ValueError(f"{path}: unreadable training state ({type(error).__name__}: {error})") from error
 
 
 def model_id(directory: str | Path) -> str:

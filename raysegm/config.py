@@ -245,7 +245,10 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ValueError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ValueError(f"--set {text!r}: the value is not valid YAML ({error})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -255,9 +258,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML ({error})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config must be a mapping of sections")
+        try:
+            from_dict(loaded)  # the preset's own keys and types, checked before the overrides
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
         values = loaded
     for text in overrides:
         keys, value = parse_override(text)

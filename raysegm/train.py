@@ -85,7 +85,25 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
 
 def check_settings(config: ExperimentConfig) -> None:
     """Refuse settings the loop cannot honour before any Ray resource is taken."""
-    t, s = config.train, config.scale
+    from raysegm.data.preprocess import NORMALIZATIONS
+    from raysegm.losses import LOSSES
+    from raysegm.models import REGISTRY
+
+    t, s, d, m = config.train, config.scale, config.data, config.model
+    for key, value, choices in (("model.variant", m.variant, REGISTRY), ("train.loss", t.loss, LOSSES),
+                                ("data.normalize", d.normalize, NORMALIZATIONS)):
+        if value not in choices:
+            raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+    for key, value in (("train.batch_size", t.batch_size), ("data.in_channels", d.in_channels),
+                       ("data.size", d.size)):
+        if value < 1:
+            raise ValueError(f"{key} must be at least 1, got {value}")
+    if "resnet" not in m.variant and d.size % 2**m.unet_depth:  # the ResNet variants resize their skips
+        raise ValueError(f"data.size {d.size} must be divisible by {2**m.unet_depth} for {m.variant} "
+                         f"(model.unet_depth {m.unet_depth} poolings)")
+    low, high = d.clip_percentiles
+    if not 0 <= low < high <= 100:
+        raise ValueError(f"data.clip_percentiles must be 0 <= low < high <= 100, got {list(d.clip_percentiles)}")
     if t.optimizer not in OPTIMIZERS:
         raise ValueError(f"train.optimizer must be one of {sorted(OPTIMIZERS)}, got {t.optimizer!r}")
     if t.schedule not in SCHEDULES:

@@ -194,6 +194,33 @@ def test_bad_checkpoints_are_clear_errors(saved, tmp_path):
         save_checkpoint(tmp_path / "h", trained_model(TINY), one_channel)
 
 
+@pytest.mark.parametrize("cut", ["empty", "half"])
+def test_truncated_checkpoint_files_are_named(tmp_path, cut):
+    model = trained_model(TINY)
+    state = {"epoch": 1, "history": {1: {"train_loss": 0.5}}}
+    directory = save_checkpoint(tmp_path / "i", model, TINY, training_state=state)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    for name in ("model.safetensors", "training_state.pt", "config.json"):
+        data = (directory / name).read_bytes()
+        (directory / name).write_bytes(b"" if cut == "empty" else data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"training_state\.pt: unreadable training state \("):
+        load_training_state(directory)
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        load_model(directory)
+    (directory / "config.json").write_text(json.dumps({"train": {"epoch": 3}}))
+    with pytest.raises(ValueError, match=r"config\.json: unknown config key\(s\): train\.epoch"):
+        load_model(directory)
+    save_checkpoint(tmp_path / "j", model, TINY)
+    shutil.copy(tmp_path / "j" / "config.json", directory / "config.json")
+    with pytest.raises(ValueError, match=r"model\.safetensors: unreadable weights \(\w+"):
+        load_model(directory)
+    (directory / "model.safetensors").unlink()
+    data = (tmp_path / "model.pt").read_bytes()
+    (directory / "model.pt").write_bytes(b"" if cut == "empty" else data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.pt: unreadable weights \(\w+"):
+        load_model(directory)
+
+
 def test_a_seed_ensemble_is_one_checkpoint_whose_probability_is_its_members_mean(tmp_path):
     members = []
     for seed in (0, 1):

@@ -73,3 +73,16 @@ def test_infer_job_names_a_missing_checkpoint(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("jobs/infer.py: error:") and str(missing) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_bad_preset_is_named_with_its_reason(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  epochs: [3\n")
+    assert main(["train", "--config", str(broken)]) == 2
+    assert f"raysegm train: error: {broken}: not valid YAML (" in capsys.readouterr().err
+    misspelt = tmp_path / "misspelt.yaml"
+    misspelt.write_text("train:\n  epoch: 3\n")
+    assert main(["train", "--config", str(misspelt)]) == 2
+    assert f"raysegm train: error: {misspelt}: unknown config key(s): train.epoch" in capsys.readouterr().err
+    assert main(["train", "--set", "train.lr=[1e-3"]) == 2
+    assert "raysegm train: error: --set 'train.lr=[1e-3': the value is not valid YAML (" in capsys.readouterr().err

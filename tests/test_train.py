@@ -57,6 +57,15 @@ def read_history(run_dir: Path) -> pd.DataFrame:
     ("data", {"intensity_augment": 1.5}, "data.intensity_augment is a probability"),
     ("data", {"sequence_dropout": -0.1}, "data.sequence_dropout is a probability"),
     ("data", {"sequence_dropout": 0.1, "in_channels": 1}, "data.sequence_dropout needs the three sequences"),
+    ("model", {"variant": "unet_resnet"}, r"model.variant must be one of \['unet', "),
+    ("train", {"loss": "focal"}, r"train.loss must be one of \['bce', "),
+    ("data", {"normalize": "minmax"}, r"data.normalize must be one of \['scale', 'volume_zscore'\]"),
+    ("train", {"batch_size": -2}, "train.batch_size must be at least 1, got -2"),
+    ("train", {"batch_size": 0}, "train.batch_size must be at least 1, got 0"),
+    ("data", {"size": 0}, "data.size must be at least 1, got 0"),
+    ("data", {"in_channels": 0}, "data.in_channels must be at least 1, got 0"),
+    ("data", {"size": 36}, r"data.size 36 must be divisible by 8 for unet \(model.unet_depth 3 poolings\)"),
+    ("data", {"clip_percentiles": [99.5, 0.5]}, r"data.clip_percentiles must be 0 <= low < high <= 100"),
 ])
 def test_settings_the_loop_cannot_honour_are_refused(tmp_path, section, values, message):
     config = demo_config(tmp_path, "refused", **{section: values})
