@@ -91,12 +91,12 @@ class TrainSettings:
 class ScaleSettings:
     num_workers: int = 2  # Ray Train data-parallel workers
     use_gpu: bool = False  # one GPU per worker when true
-    cpus_per_worker: float = 0.5  # fractional so Ray Data tasks still fit on 2 cores (ray-notes.md)
+    cpus_per_worker: float = 0.5  # fractional so Ray Data tasks still fit on 2 cores
     gpus_per_worker: float = 1.0  # only read when use_gpu
     worker_resources: dict = field(default_factory=dict)  # custom resources per Train worker, e.g. {"node2": 0.5}
     torch_threads: int = 1  # torch intra-op threads per worker; Ray sets OMP_NUM_THREADS=1 at 0.5 CPU
     ray_address: str = ""  # "" starts or joins a local Ray; "auto" joins a running cluster
-    local_num_cpus: int = 4  # logical CPUs for a local ray.init (above the 2 physical, see ray-notes.md)
+    local_num_cpus: int = 4  # logical CPUs for a local ray.init (above the 2 physical)
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ POSTPROCESS = ("none", "lcc", "lcc_slices", "fill_holes", "lcc+fill_holes", "lcc
 class InferSettings:
     batch_size: int = 16  # slices per map_batches call
     replicas: int = 1  # model replicas (actors): one per GPU on a cluster
-    cpus_per_replica: float = 0.5  # fractional, see ray-notes.md
+    cpus_per_replica: float = 0.5  # fractional so read tasks still fit on 2 cores
     gpus_per_replica: float = 0.0  # 1 on a GPU cluster
     torch_threads: int = 2  # torch intra-op threads per replica
     tta: bool = False  # horizontal-flip test-time augmentation
@@ -139,7 +139,7 @@ class InferSettings:
     precision: str = "auto"  # auto: bf16 (fp16 where unsupported) autocast on CUDA, fp32 on CPU; or fp32
     read_cpus: float = 0.25  # CPUs per Ray Data read+decode+preprocess task
     read_tasks: int = 2  # most read tasks at once (each a worker process that imports the stack); 0: Ray decides
-    local_num_cpus: int = 4  # logical CPUs for a local ray.init (above the 2 physical, see ray-notes.md)
+    local_num_cpus: int = 4  # logical CPUs for a local ray.init (above the 2 physical)
     object_store_mb: int = 0  # object-store budget of the job (reads wait beyond it); 0: 8 batches per replica, >= 32
 
 

@@ -1,4 +1,4 @@
-"""Score a checkpoint on one split of a manifest with the metric contract (product.md, "Metrics").
+"""Score a checkpoint on one split of a manifest with the metric contract (raysegm.metrics).
 
 Each slice is read (with its neighbours for a 2.5D checkpoint, raysegm.data.context) and preprocessed
 exactly as the checkpoint's own config.json says (raysegm.data.preprocess), predicted at the model's

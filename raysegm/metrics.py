@@ -1,4 +1,4 @@
-"""The metric contract (product.md, "Metrics"): per-patient headline numbers, pooled and per-slice ones.
+"""The metric contract: per-patient headline numbers, pooled and per-slice ones.
 
 A prediction P is `probability > threshold` (0.5) or a boolean mask; G is the {0, 1} truth.
 

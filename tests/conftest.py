@@ -39,7 +39,7 @@ def ray_session():
     """One local Ray for the whole session (starting Ray costs seconds).
 
     4 logical CPUs on 2 physical cores so Train workers and Ray Data tasks never wait on each other,
-    and the dashboard on: without it Tune leaks the placement groups of stopped trials (ray-notes.md).
+    and the dashboard on: without it Tune leaks the placement groups of stopped trials (seen on Ray 2.60).
     """
     import ray
 

@@ -2,7 +2,7 @@
 
 Tests that submit jobs, stop nodes or kill drivers run here rather than on the session's shared
 `ray.init`: `ray stop` would stop every Ray on the host, and a driver killed with SIGKILL can leave
-processes that ignore SIGTERM (ray-notes.md). Every node gets its own ports so several clusters and
+processes that ignore SIGTERM (seen on Ray 2.60). Every node gets its own ports so several clusters and
 nodes coexist on one host, and its own `--memory`/`--object-store-memory` so two nodes do not both
 promise the whole machine.
 """

@@ -183,7 +183,7 @@ def _registered_checkpoint(run_dir: Path) -> bool:
     """Ray Train has registered a checkpoint of the run (its own snapshot says so).
 
     A checkpoint folder on disk is not enough: a run that loses its workers before the controller has
-    registered the upload restarts from the previous checkpoint, here from scratch (ray-notes.md).
+    registered the upload restarts from the previous checkpoint, here from scratch (seen on Ray 2.60).
     """
     try:
         snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())

@@ -1,4 +1,4 @@
-"""Losses on hand-computed cases (product.md, "Losses")."""
+"""Losses on hand-computed cases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The metric contract on hand-computed cases (product.md, "Metrics")."""
+"""The metric contract (raysegm.metrics) on hand-computed cases."""
 
 from __future__ import annotations
 

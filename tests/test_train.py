@@ -113,7 +113,7 @@ def _registered_epoch(run_dir: Path) -> int:
     """The epoch of the latest checkpoint Ray Train has registered (0 before the first).
 
     A checkpoint folder can be complete on disk before the controller registers it; a worker lost in
-    between sends the run back to the previous registered checkpoint (ray-notes.md).
+    between sends the run back to the previous registered checkpoint (seen on Ray 2.60).
     """
     try:
         snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())

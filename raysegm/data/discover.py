@@ -1,6 +1,6 @@
 """Find every slice under a data folder, validate it, split by patient, and write the manifest.
 
-Layouts (product.md, Data):
+Layouts:
 - `kaggle_3m`: patient folders `<PREFIX>_<inst>_<patient>_<date>/` holding `<folder>_<k>.tif` and
   `<folder>_<k>_mask.tif`; volume_id is the folder name, institution its second token, slice_index
   the 1-based `k` (sorted numerically; of two files with one `k`, `_1` and `_01`, the zero-padded one is
