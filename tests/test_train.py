@@ -202,8 +202,12 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(demo_run):
     before_kill = demo_run["history_at_kill"].iloc[:resumed]
     assert len(before_kill) >= 2
     pd.testing.assert_frame_equal(history.iloc[:len(before_kill)], before_kill, check_dtype=False)
-    # ... and the model went on from its trained weights: the loss after the restart stays below epoch 1's.
-    assert history["train_loss"].iloc[resumed] < history["train_loss"].iloc[0]
+    # ... and the model went on from its trained weights: the loss after the restart is nearer epoch 2's
+    # than epoch 1's (a restart from scratch, same seed, would repeat epoch 1's loss)
+    first, second = history["train_loss"].iloc[0], history["train_loss"].iloc[1]
+    print(f"train loss: epoch 1 {first:.4f}, epoch 2 {second:.4f}, after the restart "
+          f"{history['train_loss'].iloc[resumed]:.4f} (epoch {resumed + 1})")
+    assert history["train_loss"].iloc[resumed] < (first + second) / 2
 
 
 @pytest.mark.slow
