@@ -32,8 +32,8 @@ output skips every volume whose part exists, removes leftover temporary files (t
 them from pyarrow's dataset discovery), and finishes the rest. `_raysegm.json` (model id, checkpoint,
 input, the settings that change the masks) is written before any part; pyarrow ignores `_`-prefixed
 files, so `pandas.read_parquet(output)` reads the parts alone. Output of another checkpoint, of another
-input, or of the same ones with other tta/postprocess/threshold, in the folder is an error. Two jobs must not write into one output
-at the same time.
+input, or of the same ones with other tta/postprocess/threshold, in the folder is an error. Two jobs
+must not write into one output at the same time.
 
 Rows follow the contract's "Inference output" schema (`SCHEMA`). Error rows carry status "error", the
 reason naming the file, a null `mask_png` and `max_prob`, 0 tumor pixels, and the slice's size where

@@ -3,9 +3,9 @@
 Layouts:
 - `kaggle_3m`: patient folders `<PREFIX>_<inst>_<patient>_<date>/` holding `<folder>_<k>.tif` and
   `<folder>_<k>_mask.tif`; volume_id is the folder name, institution its second token, slice_index
-  the 1-based `k` (sorted numerically; of two files with one `k`, `_1` and `_01`, the zero-padded one is
-  rejected). A folder is `kaggle_3m` when its name has that shape and at
-  least one image in it is named `<folder>_<k>.tif`; other slice files in it are rejected by name.
+  the 1-based `k` (sorted numerically; of two files with one `k`, `_1` and `_01`, the zero-padded one
+  is rejected). A folder is `kaggle_3m` when its name has that shape and at least one image in it is
+  named `<folder>_<k>.tif`; other slice files in it are rejected by name.
 - `image`: any other folder of 2D images (tif, tiff, png), each optionally with a `<stem>_mask` twin.
   volume_id is the folder's path relative to the data folder (the data folder's own name for images
   at its top), so one folder is one volume. slice_index is the trailing number of each file stem when
@@ -13,9 +13,9 @@ Layouts:
 - `nifti`: `.nii`/`.nii.gz` cases, one 4D file (modalities last) or 3D file per case, or nnU-Net
   per-modality files `CASE_0000`, `CASE_0001`, `CASE_0002` (pre-contrast, FLAIR, post-contrast; a
   missing pre- or post-contrast file is replaced by FLAIR, as `kaggle_3m` does; a case without its
-  FLAIR file is rejected); a per-modality file or mask may carry a trailing axis of size 1; mask `CASE_mask` or
-  `CASE_seg`. volume_id is CASE, slice_index the 0-based index along the last spatial axis; image_path
-  is one path or the modality paths joined by `|` (see raysegm.data.io).
+  FLAIR file is rejected; a per-modality file or mask may carry a trailing axis of size 1); mask
+  `CASE_mask` or `CASE_seg`. volume_id is CASE, slice_index the 0-based index along the last spatial
+  axis; image_path is one path or the modality paths joined by `|` (see raysegm.data.io).
 
 Every file is read once. A bad file is logged on one line naming it and the reason, listed in the
 rejects table, and its slice (or, for a volume file, its case) is left out; the rest still flows.
