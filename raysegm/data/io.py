@@ -161,7 +161,7 @@ def read_nifti_volume(path: str | Path) -> np.ndarray:
         volume = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as error:
         raise DataError(path, f"unreadable NIfTI data ({type(error).__name__}: {error})") from None
-    if volume.ndim != len(image.shape) or 0 in volume.shape:
+    if volume.ndim != len(image.shape) or 0 in volume.shape:  # an (X, Y, 0) file reads back as shape (0,)
         raise DataError(path, f"no voxels (shape {image.shape})")
     if not np.isfinite(volume).all():
         raise DataError(path, f"{int((~np.isfinite(volume)).sum())} non-finite voxels (NaN or inf)")
@@ -169,6 +169,8 @@ def read_nifti_volume(path: str | Path) -> np.ndarray:
 
 
 def _nifti_slice(path: Path, slice_index: int) -> np.ndarray:
+    """(H, W), or (H, W, M) for a 4D file of M > 1 modalities: an (X, Y, Z, 1) file reads as 3D, as
+    discovery reads it."""
     image = _load_nifti(path)
     shape = image.shape
     if len(shape) not in (3, 4):
@@ -176,13 +178,9 @@ def _nifti_slice(path: Path, slice_index: int) -> np.ndarray:
     if not 0 <= slice_index < shape[2]:
         raise DataError(path, f"slice {slice_index} outside 0..{shape[2] - 1}")
     try:
-        return np.asarray(image.dataobj[:, :, slice_index, ...], dtype=np.float32)
+        pixels = np.asarray(image.dataobj[:, :, slice_index, ...], dtype=np.float32)
     except Exception as error:
         raise DataError(path, f"unreadable NIfTI data ({type(error).__name__}: {error})") from None
-
-
-def _drop_singleton(pixels: np.ndarray) -> np.ndarray:
-    """(H, W, 1) -> (H, W): the slice of an (X, Y, Z, 1) file, as discovery squeezes the whole volume."""
     return pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels
 
 
@@ -204,7 +202,7 @@ def read_nifti_image_slice(image_path: str, slice_index: int) -> np.ndarray:
         return np.ascontiguousarray(as_three_channels(paths[0], _nifti_slice(paths[0], slice_index)))
     if len(paths) != 3:
         raise DataError(image_path, f"{len(paths)} modality files (expected 3: _0000, _0001, _0002)")
-    channels = [_drop_singleton(_nifti_slice(p, slice_index)) for p in paths]
+    channels = [_nifti_slice(p, slice_index) for p in paths]
     for path, channel in zip(paths, channels):
         if channel.shape != channels[0].shape or channel.ndim != 2:
             raise DataError(path, f"slice shape {channel.shape} differs from {paths[0].name} {channels[0].shape}")
@@ -231,7 +229,7 @@ def read_mask(record: Mapping) -> np.ndarray | None:
     if is_missing(mask_path):
         return None
     if record["source_format"] == "nifti":
-        pixels = _drop_singleton(_nifti_slice(Path(mask_path), int(record["slice_index"])))
+        pixels = _nifti_slice(Path(mask_path), int(record["slice_index"]))
         if pixels.ndim != 2:
             raise DataError(mask_path, f"wrong mask dimensions {pixels.shape} (expected a 3D volume)")
         return binary_mask(mask_path, pixels)
