@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pickle
 import random
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch import nn
 from raysegm.config import ExperimentConfig, from_dict, replace, to_dict
 from raysegm.models import create_model, model_name
 from raysegm.models.ensemble import SeedEnsemble
+from raysegm.storage import replace_atomically
 
 WEIGHTS = "model.safetensors"
 TORCH_WEIGHTS = "model.pt"
@@ -64,12 +64,6 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _replace_atomically(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
-
-
 def save_checkpoint(
     directory: str | Path, model: nn.Module, config: ExperimentConfig, training_state: dict | None = None
 ) -> Path:
@@ -85,7 +79,7 @@ def save_checkpoint(
         )
     if training_state is not None:
         check_weights_only(training_state)
-    _replace_atomically(directory / WEIGHTS, lambda path: save_file(plain_state_dict(model), str(path)))
+    replace_atomically(directory / WEIGHTS, lambda path: save_file(plain_state_dict(model), str(path)))
     summary = {
         "variant": config.model.variant,
         "model_name": model_name(config.model),
@@ -95,10 +89,10 @@ def save_checkpoint(
         "normalize": config.data.normalize,
     }
     text = json.dumps({**summary, **to_dict(config)}, indent=2) + "\n"
-    _replace_atomically(directory / CONFIG, lambda path: path.write_text(text))
+    replace_atomically(directory / CONFIG, lambda path: path.write_text(text))
     state_path = directory / TRAINING_STATE
     if training_state is not None:
-        _replace_atomically(state_path, lambda path: torch.save(training_state, path))
+        replace_atomically(state_path, lambda path: torch.save(training_state, path))
     elif state_path.exists():
         state_path.unlink()  # a stale state from an earlier save would not belong to these weights
     return directory

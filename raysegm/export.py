@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from scipy import ndimage
 
 from raysegm.data.io import NIFTI_SUFFIXES, PATH_SEPARATOR
 from raysegm.infer import METADATA, decode_mask_png
-from raysegm.storage import filesystem
+from raysegm.storage import filesystem, replace_atomically
 
 FORMATS = ("png", "overlay", "nifti")
 TINT = np.array([255.0, 0.0, 0.0])  # red
@@ -136,7 +137,7 @@ def _export_slices(rows: pd.DataFrame, out: Path, to: str, sources: _Sources | N
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"{_file_name(row.volume_id)}_{row.slice_index}"
         if to == "png":
-            (folder / f"{stem}_mask.png").write_bytes(row.mask_png)
+            replace_atomically(folder / f"{stem}_mask.png", partial(Path.write_bytes, data=row.mask_png))
         else:
             mask = decode_mask_png(row.mask_png)
             paths = sources.local(row.source, row.volume_id)
@@ -144,7 +145,8 @@ def _export_slices(rows: pd.DataFrame, out: Path, to: str, sources: _Sources | N
             if grey.shape != mask.shape:
                 raise ValueError(f"{row.source}: slice {row.slice_index} is {grey.shape[0]}x{grey.shape[1]}, "
                                  f"its mask {mask.shape[0]}x{mask.shape[1]}: not the image the mask was made of")
-            Image.fromarray(overlay(grey, mask), mode="RGB").save(folder / f"{stem}_overlay.png")
+            image = Image.fromarray(overlay(grey, mask), mode="RGB")
+            replace_atomically(folder / f"{stem}_overlay.png", image.save)
         written += 1
     return written
 
@@ -177,7 +179,8 @@ def _export_nifti(rows: pd.DataFrame, out: Path, sources: _Sources) -> int:
         failed = sorted(int(k) for k in volume.loc[volume["status"] != "ok", "slice_index"])
         if failed:
             print(f"export: {volume_id}: slices {failed} have no mask (error rows), written as zeros")
-        nibabel.save(nibabel.Nifti1Image(masks, affine), out / f"{_file_name(volume_id)}.nii.gz")
+        image = nibabel.Nifti1Image(masks, affine)
+        replace_atomically(out / f"{_file_name(volume_id)}.nii.gz", partial(nibabel.save, image))
         written += 1
     return written
 

@@ -6,6 +6,7 @@ Torch-free, so the inference driver and the export tool import it without the mo
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -16,6 +17,21 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     if "://" in location:
         return pafs.FileSystem.from_uri(location)
     return pafs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def replace_atomically(path: str | Path, write) -> None:
+    """Call `write(temporary)` on a hidden temporary file beside local `path`, then rename it to `path`.
+
+    A crash leaves either the old file or the new one, never a truncated one. The temporary name keeps
+    `path`'s suffixes (nibabel and Pillow go by them) and is removed when `write` raises.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # hidden: discovery and listings skip it
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def best_checkpoint_of(location: str | Path) -> str:

@@ -19,6 +19,7 @@ from raysegm.data.synth import generate_dataset
 from raysegm.export import TINT_ALPHA, export
 from raysegm.infer import SCHEMA, OutputFolder, decode_mask_png, encode_mask_png, infer
 from raysegm.models import create_model
+from raysegm.storage import replace_atomically
 
 SIZE = 32
 
@@ -116,6 +117,24 @@ def test_nifti_from_2d_slices_stacks_in_order_with_identity_affine(output, tmp_p
         expected = masks[k] if k in masks else np.zeros((SIZE, SIZE), dtype=bool)
         np.testing.assert_array_equal(data[..., position], expected.astype(np.uint8))
     assert "slices [3] have no mask" in capsys.readouterr().out
+
+
+def test_a_write_that_fails_leaves_the_old_file_whole_and_no_temporary(tmp_path):
+    """Every exported file (and checkpoint, manifest) is written by replace_atomically."""
+    target = tmp_path / "v_1_mask.png"
+    target.write_bytes(b"old mask")
+
+    def crash(path):
+        path.write_bytes(b"half a ma")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_atomically(target, crash)
+    assert target.read_bytes() == b"old mask"
+    assert [p.name for p in tmp_path.iterdir()] == ["v_1_mask.png"]
+    replace_atomically(target, lambda path: path.write_bytes(b"new mask"))
+    assert target.read_bytes() == b"new mask"
+    assert [p.name for p in tmp_path.iterdir()] == ["v_1_mask.png"]
 
 
 def test_unknown_format_is_an_error(output, tmp_path):

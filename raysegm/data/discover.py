@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from raysegm.data.io import (
     read_slice_file,
 )
 from raysegm.data.preprocess import volume_stats
+from raysegm.storage import replace_atomically
 
 log = logging.getLogger("raysegm.data")
 
@@ -401,9 +401,7 @@ def _write_parquet(frame: pd.DataFrame, out: Path, settings: dict) -> None:
     metadata = dict(table.schema.metadata or {})
     metadata[METADATA_KEY] = json.dumps(settings).encode()
     table = table.replace_schema_metadata(metadata)
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # hidden: discovery skips it
-    pq.write_table(table, temporary)
-    os.replace(temporary, out)
+    replace_atomically(out, lambda temporary: pq.write_table(table, temporary))
 
 
 def manifest_settings(path) -> dict:
@@ -440,9 +438,7 @@ def prepare(data_dir, out, *, split_seed: int = 0, val_fraction: float = 0.2, te
     out.parent.mkdir(parents=True, exist_ok=True)
     # the rejects first, both atomically: a manifest on disk (which a rerun reuses) always has its rejects
     rejects_csv = out.with_name(out.stem + ".rejects.csv")
-    temporary = rejects_csv.with_name(f".{rejects_csv.name}.{os.getpid()}.tmp")
-    rejects.to_csv(temporary, index=False)
-    os.replace(temporary, rejects_csv)
+    replace_atomically(rejects_csv, lambda temporary: rejects.to_csv(temporary, index=False))
     _write_parquet(manifest, out, settings)
     volumes = manifest.groupby("split")["volume_id"].nunique()
     slice_counts = manifest["split"].value_counts()
