@@ -121,15 +121,89 @@ def test_augment_keeps_image_and_mask_aligned_and_changes_them(seed):
     assert not np.array_equal(out_mask, mask) and not np.array_equal(out_image, image)
 
 
-def test_augment_follows_the_limits():
+FROZEN = dict(rotate_limit=0.0, shift_limit=0.0, zoom_limit=0.0, shear_limit=0.0, hflip=False)
+
+
+def test_augment_with_every_limit_at_zero_is_the_identity():
     image, mask = _shape_pair()
-    frozen = DataSettings(rotate_limit=0.0, shift_limit=0.0, zoom_limit=0.0, shear_limit=0.0, hflip=False)
-    out_image, out_mask = augment(image, mask, build_augmenter(frozen, seed=0))
+    out_image, out_mask = augment(image, mask, build_augmenter(DataSettings(**FROZEN), seed=0))
     np.testing.assert_array_equal(out_mask, mask)
     np.testing.assert_array_equal(out_image, image)
-    areas = [augment(image, mask, build_augmenter(DataSettings(), seed=s))[1].sum() for s in range(20)]
-    # zoom 1 +- 0.2 scales the area by 0.64..1.44 (shear and the border can only trim it)
-    assert all(0.6 * mask.sum() <= a <= 1.5 * mask.sum() for a in areas)
+
+
+def _drawn_affine(data: DataSettings, seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The affine map one draw applied, recovered exactly: (A, shift of the centre) with dst = A src + b.
+
+    The image's channels are each pixel's own column and row (+1000, so the zero border stands out);
+    linear interpolation of a linear function is exact, so each output pixel holds the source
+    coordinates it was read from, and a least-squares fit over the pixels inside gives the map.
+    """
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
+    image = np.stack([cols + 1000, rows + 1000, np.full_like(cols, 1000)], axis=-1)
+    out, _ = augment(image, np.zeros((size, size), np.uint8), build_augmenter(data, seed=seed))
+    rr, cc = np.nonzero(out[..., 2] > 999.5)
+    design = np.stack([cc, rr, np.ones_like(cc)], axis=1).astype(np.float64)
+    source = out[rr, cc, :2].astype(np.float64) - 1000
+    coef, *_ = np.linalg.lstsq(design, source, rcond=None)  # source = [col row 1] @ coef
+    assert np.abs(design @ coef - source).max() < 0.01, "the draw is not one affine map"
+    forward = np.linalg.inv(coef[:2].T)
+    centre = np.full(2, (size - 1) / 2)
+    return forward, forward @ (centre - coef[2]) - centre
+
+
+DRAWS = range(20)
+
+
+def test_rotation_alone_stays_within_its_limit_and_uses_it():
+    angles = []
+    for seed in DRAWS:
+        forward, shift = _drawn_affine(DataSettings(**{**FROZEN, "rotate_limit": 40.0}), seed)
+        np.testing.assert_allclose(forward.T @ forward, np.eye(2), atol=1e-3)  # a rotation, nothing else
+        np.testing.assert_allclose(shift, 0, atol=0.01)
+        angles.append(np.degrees(np.arctan2(forward[1, 0], forward[0, 0])))
+    assert max(abs(a) for a in angles) <= 40.0 + 0.01
+    assert min(angles) < -25 and max(angles) > 25
+
+
+def test_shift_alone_stays_within_its_fraction_of_the_side_and_uses_it():
+    shifts = []
+    for seed in DRAWS:
+        forward, shift = _drawn_affine(DataSettings(**{**FROZEN, "shift_limit": 0.2}), seed)
+        np.testing.assert_allclose(forward, np.eye(2), atol=1e-3)
+        shifts.append(shift)
+    shifts = np.array(shifts)
+    assert np.abs(shifts).max() <= 0.2 * 64 + 0.5
+    assert (shifts.min(axis=0) < -6).all() and (shifts.max(axis=0) > 6).all()  # both axes, both ways
+
+
+def test_zoom_alone_stays_within_its_limit_and_uses_it():
+    scales = []
+    for seed in DRAWS:
+        forward, shift = _drawn_affine(DataSettings(**{**FROZEN, "zoom_limit": 0.2}), seed)
+        np.testing.assert_allclose(forward - np.diag(np.diag(forward)), 0, atol=1e-3)
+        np.testing.assert_allclose(shift, 0, atol=0.01)
+        scales.extend(np.diag(forward))
+    assert 0.8 - 1e-3 <= min(scales) < 0.9 and 1.1 < max(scales) <= 1.2 + 1e-3
+
+
+def test_shear_alone_stays_within_its_limit_and_uses_it():
+    shears = []
+    for seed in DRAWS:
+        forward, shift = _drawn_affine(DataSettings(**{**FROZEN, "shear_limit": 10.0}), seed)
+        np.testing.assert_allclose(np.diag(forward), 1, atol=1e-3)
+        np.testing.assert_allclose(shift, 0, atol=0.01)
+        shears.extend(np.degrees(np.arctan([forward[0, 1], forward[1, 0]])))
+    assert max(abs(a) for a in shears) <= 10.0 + 0.01
+    assert min(shears) < -6 and max(shears) > 6
+
+
+def test_hflip_alone_mirrors_about_half_the_draws():
+    flipped = []
+    for seed in DRAWS:
+        forward, _ = _drawn_affine(DataSettings(**{**FROZEN, "hflip": True}), seed)
+        np.testing.assert_allclose(np.abs(forward), np.eye(2), atol=1e-3)
+        flipped.append(forward[0, 0] < 0)
+    assert 4 <= sum(flipped) <= 16
 
 
 def _scaled_stack(slices=1, seed=0):
