@@ -1,5 +1,5 @@
 """Bulk inference as a Ray job: `ray job submit --working-dir . -- python jobs/infer.py --checkpoint CKPT
---input ARCHIVE --output OUT [--config configs/x.yaml] [--set infer.replicas=4] [--tta] [--postprocess lcc]`.
+--input ARCHIVE --output OUT [--config configs/x.yaml] [--set infer.replicas=4] [--tta | --no-tta] [--postprocess lcc]`.
 
 Calls the same `raysegm.infer.infer` as `raysegm infer`; under `ray job submit` (RAY_ADDRESS is set) it
 joins the cluster, otherwise it starts a local Ray.
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="Parquet folder: local path or URI")
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--tta", action="store_true", default=None, help="horizontal-flip test-time augmentation")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="horizontal-flip test-time augmentation (default: the config's infer.tta)")
     parser.add_argument("--postprocess", choices=POSTPROCESS, default=None)
     parser.add_argument("--address", default="auto" if os.environ.get("RAY_ADDRESS") else None)
     args = parser.parse_args(argv)

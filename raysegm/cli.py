@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its best checkpoint)")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--tta", action="store_true", default=None, help="horizontal-flip test-time augmentation")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="horizontal-flip test-time augmentation (default: the config's infer.tta)")
     p.add_argument("--postprocess", choices=POSTPROCESS, default=None)
     p.add_argument("--address", default=None, help="Ray address (default: local or RAY_ADDRESS)")
     p.set_defaults(handler=_infer)

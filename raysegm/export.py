@@ -154,6 +154,12 @@ def _export_slices(rows: pd.DataFrame, out: Path, to: str, sources: _Sources | N
 def _export_nifti(rows: pd.DataFrame, out: Path, sources: _Sources) -> int:
     import nibabel
 
+    names: dict[str, str] = {}
+    for volume_id in sorted(set(rows["volume_id"])):
+        other = names.setdefault(_file_name(volume_id), volume_id)
+        if other != volume_id:
+            raise ValueError(f"export: volumes {other!r} and {volume_id!r} would both be written to "
+                             f"{_file_name(volume_id)}.nii.gz; export them as png, or to separate folders")
     out.mkdir(parents=True, exist_ok=True)
     written = 0
     for volume_id, volume in rows.groupby("volume_id", sort=True):
@@ -173,6 +179,10 @@ def _export_nifti(rows: pd.DataFrame, out: Path, sources: _Sources) -> int:
         else:
             affine, depth = np.eye(4), int((volume["slice_index"] >= 0).sum())
             positions = {int(k): p for p, k in enumerate(sorted(k for k in volume["slice_index"] if k >= 0))}
+        beyond = sorted(k for k in positions if positions[k] >= depth)
+        if beyond:
+            raise ValueError(f"export: {volume_id}: slices {beyond} lie beyond the {depth} slices of its "
+                             f"source {first_source.split(PATH_SEPARATOR)[0]}")
         masks = np.zeros((height, width, depth), dtype=np.uint8)
         for row in ok.itertuples(index=False):
             masks[:, :, positions[int(row.slice_index)]] = decode_mask_png(row.mask_png)

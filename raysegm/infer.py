@@ -102,7 +102,7 @@ PART_PREFIX = "part-"
 TEMP_PREFIX = ".tmp-"
 PRECISIONS = ("auto", "fp32")
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt")
-MASK_OUTPUTS = ("tta", "postprocess", "threshold")  # settings that change the masks in an output folder
+MASK_OUTPUTS = ("tta", "postprocess", "threshold", "precision")  # settings that change the masks in a folder
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -86,3 +86,13 @@ def test_a_bad_preset_is_named_with_its_reason(tmp_path, capsys):
     assert f"raysegm train: error: {misspelt}: unknown config key(s): train.epoch" in capsys.readouterr().err
     assert main(["train", "--set", "train.lr=[1e-3"]) == 2
     assert "raysegm train: error: --set 'train.lr=[1e-3': the value is not valid YAML (" in capsys.readouterr().err
+
+
+def test_infer_tta_can_be_turned_on_or_off_or_left_to_the_config():
+    from raysegm.cli import build_parser
+
+    parse = build_parser().parse_args
+    base = ["infer", "--checkpoint", "c", "--input", "i", "--output", "o"]
+    assert parse(base).tta is None
+    assert parse([*base, "--tta"]).tta is True
+    assert parse([*base, "--no-tta"]).tta is False

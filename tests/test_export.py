@@ -180,6 +180,43 @@ def test_nifti_export_puts_each_mask_on_its_source_voxels(tmp_path):
         np.testing.assert_array_equal(data[..., k], masks[k] if k in masks else 0, err_msg=f"slice {k}")
 
 
+def _commit(folder: Path, input: Path, volumes: dict[str, tuple[list[int], str]]) -> Path:
+    """An inference output by hand: each volume's slices (all ok, a 4x4 mask each) from one source file."""
+    out = OutputFolder(str(folder))
+    out.open({"model": "0123456789abcdef", "checkpoint": "c", "input": str(input),
+              "settings": {"tta": False, "postprocess": "none", "threshold": 0.5, "precision": "auto"}})
+    png = encode_mask_png(np.eye(4, dtype=bool))
+    for volume_id, (indices, source) in volumes.items():
+        n = len(indices)
+        out.commit(volume_id, pd.DataFrame({
+            "volume_id": volume_id, "slice_index": np.array(indices, dtype=np.int32), "source": source,
+            "height": np.full(n, 4, np.int32), "width": np.full(n, 4, np.int32), "mask_png": [png] * n,
+            "tumor_pixels": np.full(n, 4, np.int64), "max_prob": np.full(n, 0.9, np.float32),
+            "model": "0123456789abcdef", "status": "ok", "error": None,
+        })[SCHEMA.names])
+    return folder
+
+
+def test_nifti_export_refuses_two_volumes_of_one_file_name(tmp_path):
+    folder = _commit(tmp_path / "masks", tmp_path, {"a/b": ([0], str(tmp_path / "a" / "b" / "0.png")),
+                                                    "a_b": ([0], str(tmp_path / "a_b" / "0.png"))})
+    with pytest.raises(ValueError, match="volumes 'a/b' and 'a_b' would both be written to a_b.nii.gz"):
+        export(folder, to="nifti", out=tmp_path / "nii")
+    assert not (tmp_path / "nii").exists()
+    export(folder, to="png", out=tmp_path / "png")  # nested folders: no clash
+    assert (tmp_path / "png" / "a" / "b" / "a_b_0_mask.png").is_file()
+    assert (tmp_path / "png" / "a_b" / "a_b_0_mask.png").is_file()
+
+
+def test_nifti_export_names_a_slice_beyond_its_source(tmp_path):
+    source = tmp_path / "cases" / "CASE3.nii.gz"
+    source.parent.mkdir()
+    nibabel.save(nibabel.Nifti1Image(np.zeros((4, 4, 3), np.int16), np.eye(4)), source)
+    folder = _commit(tmp_path / "masks", source.parent, {"CASE3": ([0, 5], str(source))})
+    with pytest.raises(ValueError, match=r"CASE3: slices \[5\] lie beyond the 3 slices of its source .*CASE3.nii.gz"):
+        export(folder, to="nifti", out=tmp_path / "nii")
+
+
 @pytest.mark.slow
 def test_nifti_source_through_inference_keeps_its_affine(ray_session, tmp_path):
     """A FLAIR-only int16 NIfTI case segmented by a (tiny, untrained) model, exported back to NIfTI."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -485,7 +486,7 @@ def test_bad_files_become_error_rows_and_the_rest_flows(ray_session, untrained_c
 
 
 def test_output_of_another_checkpoint_or_other_settings_is_an_error(archive, untrained_checkpoint, tmp_path):
-    settings = {"tta": False, "postprocess": "none", "threshold": 0.5}
+    settings = {"tta": False, "postprocess": "none", "threshold": 0.5, "precision": "auto"}
     OutputFolder(str(tmp_path / "other")).open({"model": "0123456789abcdef", "checkpoint": "elsewhere",
                                                  "settings": settings})
     with pytest.raises(ValueError, match="holds the output of model 0123456789abcdef"):
@@ -495,6 +496,9 @@ def test_output_of_another_checkpoint_or_other_settings_is_an_error(archive, unt
     with pytest.raises(ValueError, match="tta=False"):
         infer(untrained_checkpoint, archive[0], tmp_path / "same", SETTINGS, tta=True)
     assert sorted(p.name for p in (tmp_path / "same").iterdir()) == [METADATA]
+    # bf16 masks (auto on a GPU) and fp32 ones may differ in a few pixels: not mixed in one folder
+    with pytest.raises(ValueError, match="made with precision='auto', this run asks for precision='fp32'"):
+        infer(untrained_checkpoint, archive[0], tmp_path / "same", dataclasses.replace(SETTINGS, precision="fp32"))
     # another archive into the same folder: its volumes of committed names would be skipped, so refused
     model = {"model": "0123456789abcdef", "checkpoint": "c", "settings": settings}
     OutputFolder(str(tmp_path / "one")).open({**model, "input": "/archive/a"})
