@@ -26,7 +26,8 @@ class DataSettings:
     size: int = 256  # square side the slices are resized to (paper 4.1: 256x256)
     in_channels: int = 3  # per slice: pre-contrast, FLAIR, post-contrast
     context_slices: int = 0  # 2.5D: k neighbouring slices on each side as extra channels (raysegm.data.context)
-    normalize: str = "scale"  # "scale": uint8/255, volumes min-max; "volume_zscore": per-volume clip + z-score
+    normalize: str = "scale"  # "scale": uint8/255, volumes min-max; "volume_zscore": per-volume clip + z-score;
+    # "imagenet": "scale", then ImageNet's mean/std (for encoder_weights: imagenet)
     clip_percentiles: tuple[float, float] = (0.5, 99.5)  # for volume_zscore, per channel over the volume
     augment: bool = True  # paper 4.1 augmentation on the training split only
     rotate_limit: float = 40.0  # degrees

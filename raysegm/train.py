@@ -101,6 +101,9 @@ def check_settings(config: ExperimentConfig) -> None:
     if "resnet" not in m.variant and d.size % 2**m.unet_depth:  # the ResNet variants resize their skips
         raise ValueError(f"data.size {d.size} must be divisible by {2**m.unet_depth} for {m.variant} "
                          f"(model.unet_depth {m.unet_depth} poolings)")
+    if d.normalize == "imagenet" and d.in_channels != 3:
+        raise ValueError(f"data.normalize imagenet needs 3 sequences a slice (ImageNet's R, G, B), "
+                         f"got data.in_channels {d.in_channels}")
     low, high = d.clip_percentiles
     if not 0 <= low < high <= 100:
         raise ValueError(f"data.clip_percentiles must be 0 <= low < high <= 100, got {list(d.clip_percentiles)}")

@@ -159,6 +159,12 @@ def test_hd95_by_hand():
     stray[28, 28] = True
     assert hd95(stray, square(32, 2, 2, 10)) == 0.0
     assert hd95(square(32, 2, 2, 10), stray) == 0.0
+    # surfaces, not whole masks: a filled 7x7 square and its one-pixel ring share their surface, though
+    # the square's 25 inner pixels lie 1 to 3 pixels inside the ring
+    ring = square(11, 2, 2, 7)
+    ring[3:8, 3:8] = False
+    assert hd95(square(11, 2, 2, 7), ring) == 0.0
+    assert hd95(ring, square(11, 2, 2, 7)) == 0.0
 
 
 def test_hd95_with_empty_masks():

@@ -63,13 +63,15 @@ def test_resnet50_layout_matches_the_paper():
     model = create_model(settings)
     assert model.encoder.out_channels == [3, 64, 256, 512, 1024]
     assert [block.conv2[0].out_channels for block in model.decoder.blocks] == [512, 256, 128, 64]
-    assert model.segmentation_head[0].out_channels == 1
+    head = model.segmentation_head[0]
+    assert (head.in_channels, head.out_channels, head.kernel_size) == (64, 1, (1, 1))  # paper 4.3.3
     assert not hasattr(model.encoder, "layer4")  # conv5_x never runs at encoder depth 4
     reference = smp.Unet("resnet50", encoder_depth=4, decoder_channels=(512, 256, 128, 64),
                          encoder_weights=None, classes=1)
     conv5_x = sum(p.numel() for p in reference.encoder.layer4.parameters())
     assert count_parameters(reference) == (35_935_617, 35_935_617)
-    assert count_parameters(model) == (35_935_617 - conv5_x,) * 2 == (20_970_881,) * 2
+    head_3x3_to_1x1 = 64 * 9 - 64  # smp's head is a 3x3 conv, ours the paper's 1x1
+    assert count_parameters(model) == (35_935_617 - conv5_x - head_3x3_to_1x1,) * 2 == (20_970_369,) * 2
     assert model_name(settings) == "unet_resnet50"
 
 

@@ -61,6 +61,21 @@ def test_volume_zscore_clips_then_standardizes():
     np.testing.assert_allclose(out[1, 0], [-1.0, 0.0, 1.0, 1.0])
 
 
+def test_imagenet_scales_then_standardizes_each_slice_with_imagenets_mean_and_std():
+    image = np.array([[[0, 255, 51], [255, 0, 102]]], dtype=np.uint8)  # (1, 2, 3)
+    out = scale_image(image, DataSettings(normalize="imagenet"), None)
+    np.testing.assert_allclose(out[:, 0, 0], [-0.485 / 0.229, 0.544 / 0.224, -0.206 / 0.225], rtol=1e-5)
+    np.testing.assert_allclose(out[:, 0, 1], [0.515 / 0.229, -0.456 / 0.224, -0.006 / 0.225], rtol=1e-4)
+    stacked = scale_image(np.concatenate([image] * 3, axis=-1), DataSettings(normalize="imagenet"), None)
+    np.testing.assert_allclose(stacked, np.concatenate([out] * 3), rtol=1e-6)  # 2.5D: per stacked slice
+    volume = np.array([[[-100.0, 0.0, 250.0]]], dtype=np.float32)  # a float slice: min-max first
+    stats = {"norm_low": [0.0] * 3, "norm_high": [500.0] * 3, "norm_mean": [0.0] * 3, "norm_std": [1.0] * 3}
+    np.testing.assert_allclose(scale_image(volume, DataSettings(normalize="imagenet"), stats)[:, 0, 0],
+                               [-0.485 / 0.229, -0.456 / 0.224, 0.094 / 0.225], rtol=1e-4)
+    with pytest.raises(ValueError, match="ImageNet's mean and std are for 3 channels a slice, got an image of 1"):
+        scale_image(image[..., :1], DataSettings(normalize="imagenet"), None)
+
+
 def test_unknown_normalization_is_an_error():
     with pytest.raises(ValueError, match="normalize"):
         scale_image(np.zeros((2, 2, 3), np.uint8), DataSettings(normalize="minmax"), None)

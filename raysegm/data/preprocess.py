@@ -6,6 +6,9 @@ exactly what training did: resize to `data.size`, then scale intensities.
 - normalize="scale": uint8 slices / 255; float (volume) slices min-max scaled with the volume's
   `norm_low`/`norm_high` into [0, 1].
 - normalize="volume_zscore": clip each channel to [norm_low, norm_high], then (x - norm_mean) / norm_std.
+- normalize="imagenet": "scale", then (x - mean) / std with ImageNet's per-channel mean and std, the
+  input an ImageNet-pretrained encoder was trained on (segmentation-models-pytorch's
+  `get_preprocessing_params`); for 3-sequence slices (pre-contrast, FLAIR, post-contrast as R, G, B).
 
 The statistics are per volume and per channel (`volume_stats`); discovery stores them in the manifest,
 and inference computes them the same way on a volume it reads. Without statistics a slice is scaled
@@ -28,7 +31,9 @@ import numpy as np
 from raysegm.config import DataSettings
 
 MAX_STATS_PIXELS = 1 << 21  # per channel; larger volumes are subsampled with a fixed stride
-NORMALIZATIONS = ("scale", "volume_zscore")
+NORMALIZATIONS = ("scale", "volume_zscore", "imagenet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm/torchvision ResNet weights, as smp's get_preprocessing_params
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def volume_stats(images: np.ndarray | Sequence[np.ndarray], clip_percentiles=(0.5, 99.5)) -> dict:
@@ -71,19 +76,26 @@ def scale_image(image: np.ndarray, data: DataSettings, stats: Mapping | None) ->
     """(H, W, C) raw -> (C, H, W) float32 scaled per `data.normalize` (see the module docstring)."""
     if data.normalize not in NORMALIZATIONS:
         raise ValueError(f"data.normalize: unknown {data.normalize!r} (expected one of {NORMALIZATIONS})")
+    channels = image.shape[-1]
+    if data.normalize == "imagenet" and channels % 3:
+        raise ValueError(f"data.normalize imagenet: ImageNet's mean and std are for 3 channels a slice, "
+                         f"got an image of {channels}")
     pixels = image.astype(np.float32)
-    if data.normalize == "scale" and image.dtype == np.uint8:
+    if data.normalize != "volume_zscore" and image.dtype == np.uint8:
         scaled = pixels / 255.0
     else:
         if stats is None:
             stats = volume_stats(image[None], data.clip_percentiles)
         low, high = _per_channel(stats, "norm_low", image), _per_channel(stats, "norm_high", image)
         clipped = np.clip(pixels, low, high)
-        if data.normalize == "scale":
-            scaled = (clipped - low) / np.maximum(high - low, 1e-6)
-        else:
+        if data.normalize == "volume_zscore":
             mean, std = _per_channel(stats, "norm_mean", image), _per_channel(stats, "norm_std", image)
             scaled = (clipped - mean) / np.where(std > 1e-6, std, 1.0)
+        else:
+            scaled = (clipped - low) / np.maximum(high - low, 1e-6)
+    if data.normalize == "imagenet":  # each stacked slice's three sequences as R, G, B
+        mean = np.tile(np.float32(IMAGENET_MEAN), channels // 3)
+        scaled = (scaled - mean) / np.tile(np.float32(IMAGENET_STD), channels // 3)
     return np.ascontiguousarray(scaled.transpose(2, 0, 1), dtype=np.float32)
 
 

@@ -1,7 +1,7 @@
 """U-Net with a ResNet encoder (paper 3.1, 4.3.3-4.3.4), built from segmentation-models-pytorch parts.
 
-smp's `Unet.forward` is `encoder(x) -> decoder(features) -> segmentation_head`; we keep its encoder,
-decoder and head and put dual attention between the first two, on every encoder output except
+smp's `Unet.forward` is `encoder(x) -> decoder(features) -> segmentation_head`; we keep its encoder
+and decoder, give it the paper's 1x1 head and put dual attention between the first two, on every encoder output except
 features[0] (the raw input, which smp's decoder drops anyway). Encoder stages deeper than
 `encoder_depth` never run in smp's forward; they are removed so that every parameter receives a
 gradient (DistributedDataParallel without find_unused_parameters fails otherwise) and checkpoints
@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
 import torch
+from segmentation_models_pytorch.base import SegmentationHead
 from segmentation_models_pytorch.encoders.resnet import resnet_encoders
 from torch import nn
 
@@ -32,7 +33,8 @@ class ResNetUNet(nn.Module):
     encoder_depth 4 (the paper's "4 output layers") keeps skips at conv1 (H/2, 64 channels), conv2_x
     (H/4) and conv3_x (H/8), and the bridge at conv4_x (H/16); for ResNet50 the encoder outputs have
     3, 64, 256, 512, 1024 channels. The decoder has `decoder_channels` filters (512, 256, 128, 64),
-    one block per encoder level; the head is smp's 3x3 conv to one logit channel.
+    one block per encoder level; the head is a 1x1 conv to one logit channel (paper 4.3.3: "the final
+    output uses a 1x1 kernel"; smp's own Unet head is 3x3).
 
     `attention=True` wraps encoder outputs 1..depth (every skip and the bridge) with DualAttention
     before the decoder sees them (`unet_resnet50_attention`).
@@ -90,7 +92,7 @@ class ResNetUNet(nn.Module):
                 for channels in self.encoder.out_channels[1:]
             )
         self.decoder = unet.decoder
-        self.segmentation_head = unet.segmentation_head
+        self.segmentation_head = SegmentationHead(decoder_channels[-1], 1, kernel_size=1)
         self.frozen_norms = freeze_encoder_stages(self.encoder, freeze_stages)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,9 @@ class UNet(nn.Module):
     """Classic U-Net: (B, in_channels, H, W) -> logits (B, 1, H, W); H and W divisible by 2**depth.
 
     Level l (0..depth-1) holds `width * 2**l` filters; the bottleneck `width * 2**depth` at H / 2**depth.
+    Paper 4.3.1 gives "64 filters and bottleneck has 128", one pooling level; we keep its 64 filters at
+    the top (`width`) and its doubling per level, at the classic U-Net's depth 4 (`depth=1` is the
+    paper's literal reading).
     Down: double conv, then 2x2 max-pool. Up: transposed conv (or bilinear), concatenation with the skip
     of the same level, double conv. Head: 1x1 conv to one logit channel (the sigmoid lives in the loss).
 
