@@ -2,8 +2,8 @@
 
 For N and 4N synthetic input slices (same model, same files), in one invocation:
 - ray: `raysegm.infer.infer` on a local Ray started here (ray.init(num_cpus=4, object_store_memory=1e9));
-- bare: one separate process doing the same work in a plain loop (discovery, read, preprocess, predict, resize,
-  threshold, PNG, one Parquet file per volume) with as many torch threads as the Ray job uses in total
+- bare: one separate process doing the same work in a plain loop (discovery, the input fingerprints, read,
+  preprocess, predict, resize, threshold, PNG, one Parquet file per volume) with as many torch threads as the Ray job uses in total
   (replicas x torch_threads).
 Both timings include discovery, which reads every file once in both paths, and loading the model; the
 Ray time also includes starting its worker processes, the bare loop's excludes starting Python.
@@ -12,7 +12,10 @@ Peak memory of the Ray job: the resident memory (RSS) of the driver plus every R
 (the raylet's `ray::` children), summed, sampled every 0.2 s with psutil while the job runs, and the
 object store's bytes in use from the raylet's memory report, less what it held before the job (it
 includes the checkpoint shipped to the replicas). RSS counts object-store pages a worker has mapped, so
-the sum overstates what the machine really holds; it is a bound to compare across N.
+the sum overstates what the machine really holds; it is a bound to compare across N. The bare loop's
+peak is its one process's maximum RSS (getrusage), the baseline the Ray sum is divided by. The sampler
+runs in the driver while Ray is timed (a psutil scan and a memory RPC every 0.2 s), which the bare loop
+does not pay.
 
     python benchmarks/bench_infer.py --slices 200 --size 128
 """
@@ -48,8 +51,14 @@ class MemorySampler:
 
         node = ray._private.worker._global_node
         raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-        return [p for p in raylet.children(recursive=True) if p.name().startswith("ray::")
-                or "default_worker.py" in " ".join(p.cmdline())]
+        workers = []
+        for process in raylet.children(recursive=True):
+            try:  # a worker may exit between the listing and these calls
+                if process.name().startswith("ray::") or "default_worker.py" in " ".join(process.cmdline()):
+                    workers.append(process)
+            except psutil.Error:
+                continue
+        return workers
 
     def _store_bytes(self) -> int:
         import ray
@@ -65,7 +74,7 @@ class MemorySampler:
             for process in self._workers():
                 try:
                     rss += process.memory_info().rss
-                except psutil.NoSuchProcess:
+                except psutil.Error:
                     continue
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_store = max(self.peak_store, self._store_bytes())
@@ -81,8 +90,14 @@ class MemorySampler:
         self._thread.join()
 
 
-def bare_loop(checkpoint: Path, input_dir: Path, output: Path, batch_size: int, threads: int) -> tuple[int, float]:
-    """The same work as the Ray path, in one process: (slices written, seconds)."""
+def bare_loop(checkpoint: Path, input_dir: Path, output: Path, batch_size: int,
+              threads: int) -> tuple[int, float, int]:
+    """The same work as the Ray path, in one process: (slices written, seconds, peak RSS in bytes).
+
+    Batches run over the slices in (volume_id, slice_index) order across volume boundaries, as Ray
+    Data's map_batches does, so both sides make the same forward passes."""
+    import resource
+
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -90,24 +105,35 @@ def bare_loop(checkpoint: Path, input_dir: Path, output: Path, batch_size: int, 
 
     from raysegm.config import InferSettings
     from raysegm.data.discover import discover
-    from raysegm.infer import SCHEMA, SegmentationPredictor, part_name, read_slices
+    from raysegm.infer import (
+        FINGERPRINT_KEY,
+        SCHEMA,
+        SegmentationPredictor,
+        part_name,
+        read_slices,
+        volume_fingerprints,
+    )
 
     started = time.perf_counter()
     torch.set_num_threads(threads)
     predictor = SegmentationPredictor(checkpoint, InferSettings(), device="cpu")
     data = predictor.config.data.__dict__
-    slices, _ = discover(input_dir)
+    slices, rejects = discover(input_dir)
+    fingerprints = volume_fingerprints(slices, rejects, Path(input_dir).resolve())
+    slices = slices.sort_values(["volume_id", "slice_index"], kind="stable").reset_index(drop=True)
     slices["source"] = slices["image_path"]
     output.mkdir(parents=True)
+    parts = [predictor(read_slices(slices.iloc[start:start + batch_size], data))
+             for start in range(0, len(slices), batch_size)]
     written = 0
-    for volume_id, volume in slices.groupby("volume_id"):
-        parts = [predictor(read_slices(volume.iloc[start:start + batch_size], data))
-                 for start in range(0, len(volume), batch_size)]
-        rows = pd.concat(parts, ignore_index=True)
-        rows["error"] = rows["error"].where(rows["error"] != "", None)
-        pq.write_table(pa.Table.from_pandas(rows, schema=SCHEMA, preserve_index=False), output / part_name(volume_id))
+    for volume_id, rows in pd.concat(parts, ignore_index=True).groupby("volume_id", sort=True):
+        rows = rows.assign(error=rows["error"].where(rows["error"] != "", None))
+        table = pa.Table.from_pandas(rows, schema=SCHEMA, preserve_index=False)
+        table = table.replace_schema_metadata({**table.schema.metadata, FINGERPRINT_KEY: fingerprints[volume_id].encode()})
+        pq.write_table(table, output / part_name(volume_id))
         written += len(rows)
-    return written, time.perf_counter() - started
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return written, time.perf_counter() - started, peak_rss
 
 
 def main() -> None:
@@ -144,7 +170,7 @@ def main() -> None:
             data = generate_dataset(work / f"data-{count}", patients=volumes, slices=count // volumes,
                                     size=args.size, seed=count)
             with multiprocessing.get_context("spawn").Pool(1) as pool:  # its memory stays out of the driver's
-                written, bare_s = pool.apply(bare_loop, (checkpoint, data, work / f"bare-{count}",
+                written, bare_s, bare_rss = pool.apply(bare_loop, (checkpoint, data, work / f"bare-{count}",
                                                          args.batch_size, threads))
             gc.collect()  # the previous run's objects (its shipped checkpoint) leave the store
             time.sleep(2)
@@ -155,6 +181,7 @@ def main() -> None:
                 "slices": written, "bare_s": bare_s, "ray_s": summary["wall_s"],
                 "bare_rate": written / bare_s, "ray_rate": written / summary["wall_s"],
                 "peak_rss": sampler.peak_rss, "peak_store": sampler.peak_store - sampler.store_before,
+                "bare_rss": bare_rss,
             }
         ray.shutdown()
     finally:
@@ -162,10 +189,12 @@ def main() -> None:
 
     print(f"\nmodel unet width {args.width} at {args.size} px, batch {args.batch_size}, "
           f"{args.replicas} replica(s) x {args.torch_threads} torch threads; bare loop {threads} threads")
-    print(f"{'slices':>7} {'bare sl/s':>10} {'ray sl/s':>9} {'ray/bare':>9} {'peak RSS MiB':>13} {'peak store MiB':>15}")
+    print(f"{'slices':>7} {'bare sl/s':>10} {'ray sl/s':>9} {'ray/bare':>9} {'bare RSS MiB':>13} "
+          f"{'ray RSS MiB':>12} {'ray/bare':>9} {'peak store MiB':>15}")
     for r in results.values():
         print(f"{r['slices']:>7} {r['bare_rate']:>10.1f} {r['ray_rate']:>9.1f} {r['ray_rate'] / r['bare_rate']:>9.2f} "
-              f"{r['peak_rss'] / 2**20:>13.0f} {r['peak_store'] / 2**20:>15.1f}")
+              f"{r['bare_rss'] / 2**20:>13.0f} {r['peak_rss'] / 2**20:>12.0f} {r['peak_rss'] / r['bare_rss']:>9.2f} "
+              f"{r['peak_store'] / 2**20:>15.1f}")
     small, large = results[args.slices], results[4 * args.slices]
     print(f"peak RSS 4N/N: {large['peak_rss'] / small['peak_rss']:.2f}; "
           f"peak object store 4N/N: {large['peak_store'] / max(small['peak_store'], 1):.2f}; "

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps, the first 2 untimed")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.steps < 3:
+        parser.error(f"--steps must be at least 3 (the first 2 are untimed), got {args.steps}")
     torch.set_num_threads(args.threads)
     config = load_config(args.config)
     torch.manual_seed(config.train.seed)

@@ -28,8 +28,12 @@ Commit (exactly once per volume): the volume's rows are written to `.tmp-<uuid>-
 slices, so parts stay between tens of kB and a few MB). The driver commits, not the Ray tasks: it is the
 one place that sees every row of a volume, so it knows when a volume is complete, and one process
 renaming keeps the rule "a final name only ever holds a whole volume" simple. A rerun into the same
-output skips every volume whose part exists, removes leftover temporary files (the `.` prefix also hides
-them from pyarrow's dataset discovery), and finishes the rest. `_raysegm.json` (model id, checkpoint,
+output skips every volume whose part exists and whose input files are unchanged, removes leftover
+temporary files (the `.` prefix also hides them from pyarrow's dataset discovery), and finishes the
+rest. Each part records the sha1 of its volume's input files (`volume_fingerprints`: every image file
+discovered or rejected for it, by name and bytes) in its Parquet metadata; a volume whose files changed
+since (a slice added, replaced or fixed) is segmented again and its part replaced in one rename, and
+committed volumes no longer in the input are named and kept. `_raysegm.json` (model id, checkpoint,
 input, the settings that change the masks) is written before any part; pyarrow ignores `_`-prefixed
 files, so `pandas.read_parquet(output)` reads the parts alone. Output of another checkpoint, of another
 input, or of the same ones with other tta/postprocess/threshold, in the folder is an error. Two jobs
@@ -103,6 +107,7 @@ TEMP_PREFIX = ".tmp-"
 PRECISIONS = ("auto", "fp32")
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt")
 MASK_OUTPUTS = ("tta", "postprocess", "threshold", "precision")  # settings that change the masks in a folder
+FINGERPRINT_KEY = b"raysegm.input_sha1"  # a part's Parquet metadata: the sha1 of its volume's input files
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -417,10 +422,18 @@ class OutputFolder:
             write(stream)
         self.fs.move(temporary, self._path(name))
 
-    def commit(self, volume_id: str, rows: pd.DataFrame) -> None:
-        """Write one volume's rows under a temporary name, then rename it to its final part name."""
+    def commit(self, volume_id: str, rows: pd.DataFrame, fingerprint: str = "") -> None:
+        """Write one volume's rows under a temporary name, then rename it to its final part name (an
+        earlier part of the volume is replaced whole); `fingerprint` goes into the Parquet metadata."""
         table = pa.Table.from_pandas(rows[SCHEMA.names], schema=SCHEMA, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), FINGERPRINT_KEY: fingerprint.encode()})
         self._write_atomically(part_name(volume_id), lambda stream: pq.write_table(table, stream))
+
+    def fingerprint(self, name: str) -> str:
+        """The input fingerprint a committed part was written with ("" for a part without one)."""
+        with self.fs.open_input_file(self._path(name)) as file:
+            metadata = pq.read_schema(file).metadata or {}
+        return metadata.get(FINGERPRINT_KEY, b"").decode()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -492,6 +505,32 @@ def reject_key(path: str, root: Path) -> tuple[str, int]:
         volume_id = root.name if relative == "." else relative
     number = TRAILING_NUMBER.search(re.sub(r"_mask$", "", file.stem))
     return volume_id, int(number.group(1)) if number else -1
+
+
+def volume_fingerprints(slices: pd.DataFrame, rejects: pd.DataFrame, root: Path) -> dict[str, str]:
+    """{volume_id: sha1 over its input files' names (relative to the input) and bytes}.
+
+    A volume's files are the images discovery found for it (every modality file of a NIfTI case) and the
+    files it rejected that `reject_key` assigns to it; masks are left out, since inference never reads
+    them. Discovery has just read every file, so hashing them again mostly reads the page cache.
+    """
+    from raysegm.data.io import PATH_SEPARATOR
+
+    files: dict[str, set[str]] = defaultdict(set)
+    for volume_id, paths in zip(slices["volume_id"], slices["image_path"]):
+        files[volume_id].update(str(paths).split(PATH_SEPARATOR))
+    for path in rejects["path"]:
+        files[reject_key(str(path), root)[0]].add(str(path))
+    fingerprints = {}
+    for volume_id, paths in files.items():
+        digest = hashlib.sha1()
+        for path in sorted(paths):
+            name = Path(path).resolve()
+            digest.update(f"{name.relative_to(root) if name.is_relative_to(root) else name}\0".encode())
+            with open(path, "rb") as file:
+                digest.update(hashlib.file_digest(file, "sha1").digest())
+        fingerprints[volume_id] = digest.hexdigest()
+    return fingerprints
 
 
 def _error_rows(rejects: pd.DataFrame, slices: pd.DataFrame, root: Path, prefix: str, model: str) -> pd.DataFrame:
@@ -623,8 +662,9 @@ def infer(checkpoint, input, output, settings: InferSettings, *, tta: bool | Non
 
     tta, postprocess: None keeps the settings' value. ray_address: None joins RAY_ADDRESS or starts a
     local Ray with settings.local_num_cpus logical CPUs. Returns a summary: volumes, volumes_skipped
-    (already committed), volumes_written, slices (rows written this run), ok, errors, wall_s,
-    slices_per_s, model, output.
+    (already committed, input unchanged), volumes_changed (committed, input changed since: done again),
+    volumes_not_in_input (committed parts whose volume the input no longer has: kept), volumes_written,
+    slices (rows written this run), ok, errors, wall_s, slices_per_s, model, output.
     """
     from raysegm.checkpoint import load_config_of, model_id
     from raysegm.data.discover import discover
@@ -672,8 +712,18 @@ def infer(checkpoint, input, output, settings: InferSettings, *, tta: bool | Non
             "model_name": summary.get("model_name", config.model.variant), "settings": to_dict(settings),
         })
         volume_ids = sorted(set(slices["volume_id"]) | set(errors["volume_id"]))
-        todo = [v for v in volume_ids if part_name(v) not in committed]
+        fingerprints = volume_fingerprints(slices, rejects, root)
+        changed = [v for v in volume_ids
+                   if part_name(v) in committed and out.fingerprint(part_name(v)) != fingerprints[v]]
+        todo = [v for v in volume_ids if part_name(v) not in committed or v in changed]
         skipped = len(volume_ids) - len(todo)
+        gone = sorted(committed - {part_name(v) for v in volume_ids})
+        if changed:
+            print(f"infer: {len(changed)} committed volumes have changed input files and are done again: "
+                  f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}", flush=True)
+        if gone:
+            print(f"infer: {len(gone)} committed parts hold volumes the input no longer has (kept): "
+                  f"{', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}", flush=True)
         todo_set = set(todo)
         slices = slices[slices["volume_id"].isin(todo_set)]
         errors = errors[errors["volume_id"].isin(todo_set)]
@@ -689,7 +739,7 @@ def infer(checkpoint, input, output, settings: InferSettings, *, tta: bool | Non
         def commit(volume_id: str, parts: list[pd.DataFrame]) -> None:
             nonlocal written
             rows = _finish_volume(pd.concat(parts, ignore_index=True), settings.postprocess)
-            out.commit(volume_id, rows)
+            out.commit(volume_id, rows, fingerprints[volume_id])
             written += 1
             done = sum(counts.values()) + len(rows)
             for status, count in rows["status"].value_counts().items():
@@ -724,7 +774,7 @@ def infer(checkpoint, input, output, settings: InferSettings, *, tta: bool | Non
     written_slices = sum(counts.values())
     result = {
         "output": str(output), "model": model, "volumes": len(volume_ids), "volumes_skipped": skipped,
-        "volumes_written": written, "slices": written_slices, "ok": counts.get("ok", 0),
+        "volumes_changed": len(changed), "volumes_not_in_input": len(gone), "volumes_written": written, "slices": written_slices, "ok": counts.get("ok", 0),
         "errors": counts.get("error", 0), "wall_s": round(wall, 2),
         "slices_per_s": round(written_slices / wall, 2) if wall > 0 else 0.0,
     }

@@ -485,6 +485,32 @@ def test_bad_files_become_error_rows_and_the_rest_flows(ray_session, untrained_c
     assert ok["mask_png"].notna().all() and ok["error"].isna().all()
 
 
+def test_rerun_redoes_a_volume_whose_files_changed_and_names_one_no_longer_there(ray_session, untrained_checkpoint,
+                                                                                tmp_path):
+    root = generate_dataset(tmp_path / "kaggle_3m", patients=3, slices=4, size=SIZE, seed=5)
+    changed, kept, gone = sorted(p.name for p in root.iterdir() if p.is_dir())
+    broken = root / changed / f"{changed}_2.tif"
+    whole = broken.read_bytes()
+    broken.write_bytes(whole[:-2000])
+    first = infer(untrained_checkpoint, root, tmp_path / "out", SETTINGS)
+    assert first["errors"] == 1 and first["volumes_written"] == 3
+    kept_part = (tmp_path / "out" / part_name(kept)).read_bytes()
+
+    broken.write_bytes(whole)  # the file fixed, another volume taken out of the archive
+    shutil.rmtree(root / gone)
+    second = infer(untrained_checkpoint, root, tmp_path / "out", SETTINGS)
+    assert (second["volumes_changed"], second["volumes_skipped"], second["volumes_not_in_input"]) == (1, 1, 1)
+    assert second["volumes_written"] == 1 and (second["ok"], second["errors"]) == (4, 0)
+    assert (tmp_path / "out" / part_name(kept)).read_bytes() == kept_part  # untouched
+    rows = pd.read_parquet(tmp_path / "out")
+    assert not rows.duplicated(["volume_id", "slice_index"]).any()
+    assert (rows.loc[rows["volume_id"] == changed, "status"] == "ok").sum() == 4
+    assert (rows["volume_id"] == gone).sum() == 4  # its part is kept, and said so
+
+    third = infer(untrained_checkpoint, root, tmp_path / "out", SETTINGS)
+    assert (third["volumes_changed"], third["volumes_skipped"], third["volumes_written"]) == (0, 2, 0)
+
+
 def test_output_of_another_checkpoint_or_other_settings_is_an_error(archive, untrained_checkpoint, tmp_path):
     settings = {"tta": False, "postprocess": "none", "threshold": 0.5, "precision": "auto"}
     OutputFolder(str(tmp_path / "other")).open({"model": "0123456789abcdef", "checkpoint": "elsewhere",
