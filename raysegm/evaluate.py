@@ -64,7 +64,7 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     from raysegm.data.context import read_input, with_context
     from raysegm.data.io import is_missing, read_mask
     from raysegm.data.preprocess import preprocess_image
-    from raysegm.infer import POSTPROCESS, postprocess_volume, probabilities
+    from raysegm.infer import POSTPROCESS, postprocess_slices, probabilities
     from raysegm.metrics import SegmentationMeter
     from raysegm.models import model_name
     from raysegm.storage import best_checkpoint_of
@@ -113,8 +113,8 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
                                        align_corners=False)[0, 0]
                 predicted.append(native.numpy() > meter.threshold)
                 truths.append(read_mask(record))
-        if postprocess != "none" and len({mask.shape for mask in predicted}) == 1:
-            predicted = list(postprocess_volume(np.stack(predicted), postprocess))
+        if postprocess != "none":
+            predicted = postprocess_slices(predicted, postprocess)
         for record, mask, truth in zip(records, predicted, truths):
             meter.update([volume_id], [record["slice_index"]], mask[None], truth[None])
 

@@ -175,6 +175,20 @@ def postprocess_volume(masks: np.ndarray, postprocess: str) -> np.ndarray:
     return masks.astype(bool)
 
 
+def postprocess_slices(masks: list[np.ndarray], postprocess: str) -> list[np.ndarray]:
+    """One volume's (H, W) bool masks in slice order -> after `postprocess`, in the same order.
+
+    Slices of one volume that differ in size (image folders only) cannot be stacked: the slices of each
+    size are post-processed as a volume of their own.
+    """
+    out = list(masks)
+    for shape in {mask.shape for mask in masks}:
+        group = [k for k, mask in enumerate(masks) if mask.shape == shape]
+        for k, mask in zip(group, postprocess_volume(np.stack([masks[k] for k in group]), postprocess)):
+            out[k] = mask
+    return out
+
+
 def probabilities(model, inputs, tta: bool = False):
     """(B, C, S, S) -> tumor probabilities (B, 1, S, S), under the caller's grad and autocast context.
 
@@ -320,7 +334,7 @@ def read_slices(batch: pd.DataFrame, data: Mapping) -> dict:
     volume_id, slice_index, source, height, width, status ("ok"/"error"), error (the reason, naming the
     file, or ""). An unreadable slice gets a zero image and status "error".
     """
-    from raysegm.data.io import DataError
+    from raysegm.data.io import PATH_SEPARATOR, DataError
     from raysegm.data.preprocess import preprocess_image
 
     settings = from_dict({"data": dict(data)}).data
@@ -337,6 +351,9 @@ def read_slices(batch: pd.DataFrame, data: Mapping) -> dict:
         except Exception as failure:
             status[position] = "error"
             reason = failure.reason if isinstance(failure, DataError) else f"{type(failure).__name__}: {failure}"
+            own = str(record["image_path"])
+            if isinstance(failure, DataError) and failure.path not in (own, *own.split(PATH_SEPARATOR)):
+                reason = f"its neighbour slice {failure.path}: {reason}"  # a 2.5D stack's other file
             error[position] = f"{record['source']}: {reason}"
     return {
         "image": images,
@@ -575,15 +592,11 @@ def _finish_volume(rows: pd.DataFrame, postprocess: str) -> pd.DataFrame:
     rows = rows.sort_values("slice_index", kind="stable").reset_index(drop=True)
     if postprocess != "none":
         ok = rows.index[rows["status"] == "ok"]
-        # slices of one volume that differ in size (image folders only) cannot be stacked: each size is
-        # its own stack
-        for _, group in rows.loc[ok].groupby(["height", "width"]):
-            masks = np.stack([decode_mask_png(data) for data in group["mask_png"]])
-            kept = postprocess_volume(masks, postprocess)
-            for index, before, after in zip(group.index, masks, kept):
-                if (before != after).any():
-                    rows.at[index, "mask_png"] = encode_mask_png(after)
-                    rows.at[index, "tumor_pixels"] = int(after.sum())
+        masks = [decode_mask_png(data) for data in rows.loc[ok, "mask_png"]]
+        for index, before, after in zip(ok, masks, postprocess_slices(masks, postprocess)):
+            if (before != after).any():
+                rows.at[index, "mask_png"] = encode_mask_png(after)
+                rows.at[index, "tumor_pixels"] = int(after.sum())
     rows["mask_png"] = [data if data else None for data in rows["mask_png"]]
     rows["error"] = [text if text else None for text in rows["error"]]
     return rows

@@ -21,6 +21,7 @@ import torch
 
 from raysegm.checkpoint import load_model, model_id, save_checkpoint, save_ensemble
 from raysegm.config import ExperimentConfig, InferSettings, replace
+from raysegm.data.context import with_context
 from raysegm.data.discover import discover
 from raysegm.data.io import read_image, read_mask
 from raysegm.data.preprocess import preprocess_image, preprocess_mask
@@ -38,6 +39,7 @@ from raysegm.infer import (
     infer,
     largest_connected_component,
     part_name,
+    postprocess_slices,
     postprocess_volume,
     read_slices,
     reject_key,
@@ -250,6 +252,21 @@ def test_lcc_then_fill_holes_keeps_the_largest_blob_then_fills_its_holes():
     assert largest_connected_component(fill_holes(masks))[0, 4, 4]
 
 
+def test_slices_of_two_sizes_are_post_processed_as_two_volumes():
+    small = [np.zeros((8, 8), bool) for _ in range(2)]
+    small[0][1:3, 1:3] = small[1][1:3, 1:3] = True  # 8 voxels through both slices
+    small[1][6, 6] = True  # 1 voxel
+    large = [np.zeros((12, 10), bool)]
+    large[0][0, 0] = True  # 1 voxel
+    large[0][5:7, 5:7] = True  # 4 voxels: kept, though stacked with the small slices it would lose to their 8
+    masks = [small[0], large[0], small[1]]
+    kept = postprocess_slices(masks, "lcc")
+    assert [mask.shape for mask in kept] == [(8, 8), (12, 10), (8, 8)]
+    np.testing.assert_array_equal(kept[0], small[0])
+    assert kept[2].sum() == 4 and not kept[2][6, 6]
+    assert kept[1].sum() == 4 and not kept[1][0, 0]
+
+
 def test_committed_volume_has_its_holes_filled_and_error_rows_untouched():
     ring = np.zeros((6, 6), dtype=bool)
     ring[1:5, 1:5] = True
@@ -386,6 +403,23 @@ def test_read_stage_turns_an_unreadable_file_into_an_error_row(tmp_path, archive
     assert list(batch["status"]) == ["ok", "error"]
     assert str(broken) in batch["error"][1] and "unreadable tif" in batch["error"][1]
     assert batch["image"][0].max() > 0 and batch["error"][0] == ""
+
+
+def test_a_2_5d_row_whose_neighbour_is_unreadable_names_the_neighbour(tmp_path):
+    root = generate_dataset(tmp_path / "kaggle_3m", patients=1, slices=4, size=SIZE, seed=6)
+    slices, _ = discover(root)
+    rows = with_context(slices.sort_values("slice_index").reset_index(drop=True), 1)
+    rows["source"] = rows["image_path"]
+    neighbour = Path(rows["image_path"].iloc[2])
+    neighbour.write_bytes(b"not a tif at all")
+    data = replace(tiny_config(), data={"context_slices": 1}).data.__dict__
+    batch = read_slices(rows, data)
+    assert list(batch["status"]) == ["ok", "error", "error", "error"]  # slices 2, 3, 4 read slice 3
+    for k in (1, 3):
+        assert batch["error"][k].startswith(f"{rows['source'].iloc[k]}: its neighbour slice {neighbour}: ")
+        assert "unreadable tif" in batch["error"][k]
+    assert batch["error"][2] == f"{neighbour}: " + batch["error"][2].split(": ", 1)[1]  # its own file
+    assert "neighbour" not in batch["error"][2]
 
 
 # ---------------------------------------------------------------------------------------------------
