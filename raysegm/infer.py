@@ -468,8 +468,11 @@ def _read_checkpoint(checkpoint: str) -> dict[str, bytes]:
         if fs.get_file_info(path).type == pafs.FileType.File:
             with fs.open_input_stream(path) as stream:
                 files[name] = stream.read()
-    if "config.json" not in files or not ({"model.safetensors", "model.pt"} & set(files)):
-        raise FileNotFoundError(f"not a checkpoint: {checkpoint} needs config.json and model.safetensors")
+    missing = [name for name, there in (("config.json", "config.json" in files),
+                                         ("model.safetensors (or model.pt)", {"model.safetensors", "model.pt"} & set(files)))
+               if not there]
+    if missing:
+        raise FileNotFoundError(f"not a checkpoint: {checkpoint} has no {' and no '.join(missing)}")
     return files
 
 

@@ -389,6 +389,12 @@ def test_a_run_folder_stands_for_its_best_checkpoint(untrained_checkpoint, tmp_p
     (run_dir / "result.json").write_text(json.dumps({"best_checkpoint": None}))
     with pytest.raises(ValueError, match="names no best checkpoint"):
         _read_checkpoint(str(run_dir))
+    (run_dir / "result.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"run has no model.safetensors \(or model.pt\)$"):
+        _read_checkpoint(str(run_dir))
+    (run_dir / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no config.json and no model.safetensors \(or model.pt\)$"):
+        _read_checkpoint(str(run_dir))
 
 
 def test_read_stage_turns_an_unreadable_file_into_an_error_row(tmp_path, archive):
