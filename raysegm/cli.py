@@ -36,11 +36,9 @@ def _synth(args) -> int:
 def _prepare(args) -> int:
     from raysegm.data.discover import prepare
 
-    manifest, rejects = prepare(
-        args.data_dir, args.out, split_seed=args.seed, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, folds=args.folds, fold=args.fold, strict=args.strict,
-    )
-    return 1 if (args.strict and len(rejects)) else 0
+    prepare(args.data_dir, args.out, split_seed=args.seed, val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction, folds=args.folds, fold=args.fold, strict=args.strict)
+    return 0  # strict: any reject is a ValueError, exit 2
 
 
 def _train(args) -> int:
@@ -140,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cv", help="patient-level k-fold cross-validation, scored on every out-of-fold patient")
     _add_config_args(p)
-    p.add_argument("--folds", type=int, default=5, help="k (default 5)")
+    p.add_argument("--folds", type=int, default=None, help="k (default: data.folds where set, else 5)")
     p.add_argument("--fold", type=int, action="append", default=None,
                    help="run and score only this fold (repeatable; default: every fold)")
     p.add_argument("--resume", action="store_true", help="continue a cross-validation of the same name")

@@ -30,14 +30,21 @@ from pathlib import Path
 
 from raysegm.config import RUN_ONLY, ExperimentConfig, from_dict, replace, save_json, to_dict
 
+DEFAULT_FOLDS = 5  # k when neither --folds nor data.folds gives one
 
-def run_cv(config: ExperimentConfig, folds: int = 5, only: list[int] | None = None, resume: bool = False) -> dict:
-    """Train and score `folds` folds (or the folds listed in `only`); returns the summary dict."""
+
+def run_cv(config: ExperimentConfig, folds: int | None = None, only: list[int] | None = None,
+           resume: bool = False) -> dict:
+    """Train and score `folds` folds (or the folds listed in `only`); returns the summary dict.
+
+    folds: None takes data.folds where the config sets it, else DEFAULT_FOLDS."""
     from raysegm.train import run_state, train
 
     if config.data.manifest:
         raise ValueError("cross-validation splits the patients itself: give data.data_dir (or no data for "
                          "synthetic data), not data.manifest")
+    if folds is None:
+        folds = config.data.folds or DEFAULT_FOLDS
     if folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
     if config.train.ensemble < 1:

@@ -17,7 +17,7 @@ over the whole volume while the job still streams. The plan:
                                           resized back to each slice's own size, P = prob > threshold,
                                           encoded as an 8-bit PNG (255 tumor)
     -> driver                             iter_batches in input order (preserve_order); when a volume's
-                                          last slice arrives: optional LCC, commit, one progress line
+                                          last slice arrives: infer.postprocess, commit, one progress line
 
 The job's object-store budget (`object_store_budget`) is what keeps memory flat as archives grow: without
 it the reads run ahead of the model and Ray Data buffers preprocessed slices up to its default limit
@@ -548,7 +548,10 @@ def volume_fingerprints(slices: pd.DataFrame, rejects: pd.DataFrame, root: Path)
             name = Path(path).resolve()
             digest.update(f"{name.relative_to(root) if name.is_relative_to(root) else name}\0".encode())
             with open(path, "rb") as file:
-                digest.update(hashlib.file_digest(file, "sha1").digest())
+                content = hashlib.sha1()
+                while chunk := file.read(1 << 20):
+                    content.update(chunk)
+            digest.update(content.digest())
         fingerprints[volume_id] = digest.hexdigest()
     return fingerprints
 

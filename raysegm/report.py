@@ -92,12 +92,13 @@ def _overview(study_dir: Path, config: dict, results: pd.DataFrame) -> str:
     data, train, tune = config["data"], config["train"], config["tune"]
     manifest = pd.read_parquet(data["manifest"]) if data["manifest"] and Path(data["manifest"]).is_file() else None
     lines = ["## The study\n"]
-    if data["data_dir"]:
-        source = f"`{data['data_dir']}`"
-    elif Path(data["manifest"]) == study_dir / "data" / "manifest.parquet":
-        source = f"synthetic, {data['synthetic_patients']} patients x {data['synthetic_slices']} slices"
-    else:
+    prepared_here = Path(data["manifest"]) == (study_dir / "data" / "manifest.parquet").resolve()
+    if data["manifest"] and not prepared_here:  # a manifest the user gave wins over data_dir
         source = f"manifest `{data['manifest']}`"
+    elif data["data_dir"]:
+        source = f"`{data['data_dir']}`"
+    else:
+        source = f"synthetic, {data['synthetic_patients']} patients x {data['synthetic_slices']} slices"
     lines.append(f"- Data: {source}, resized to {data['size']} px, normalization "
                  f"`{data['normalize']}`, augmentation {'on' if data['augment'] else 'off'}.")
     if manifest is not None:

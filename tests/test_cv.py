@@ -32,6 +32,11 @@ def test_bad_requests_fail_before_any_training(tmp_path, synth_dir):
         run_cv(config, folds=1)
     with pytest.raises(ValueError, match=r"must lie in 0\.\.2"):
         run_cv(config, folds=3, only=[3])
+    # no --folds: data.folds where the config sets it, else 5
+    with pytest.raises(ValueError, match=r"must lie in 0\.\.3"):
+        run_cv(replace(config, data={"folds": 4}), only=[4])
+    with pytest.raises(ValueError, match=r"must lie in 0\.\.4"):
+        run_cv(config, only=[5])
     with pytest.raises(ValueError, match="not data.manifest"):
         run_cv(replace(config, data={"manifest": str(tmp_path / "m.parquet")}), folds=3)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):

@@ -100,6 +100,7 @@ def test_a_hand_built_study_gets_its_tables_and_report(hand_built_study):
     assert {Path(source).name for source in images} >= {"learning_curves.png", "per_patient_dice.png",
                                                          "overlay_best.png"}
     markdown = (hand_built_study / "report.md").read_text()
+    assert "- Data: synthetic, 6 patients x 4 slices, resized to" in markdown
     # The best trial is chosen by validation (t1), and its overlays name its test patients.
     assert "The best trial by validation is t1 (unet_attention" in markdown
     per_patient = pd.read_csv(hand_built_study / "per_patient.csv", dtype={"trial_id": str})

@@ -1,7 +1,8 @@
 """The model registry: four U-Net variants keyed by lowercase names, built from `ModelSettings`.
 
 Adding a variant is one builder below plus one line in `REGISTRY`. Every model maps
-(B, in_channels, H, W) to logits (B, 1, H, W), with H and W divisible by 2**depth.
+(B, in_channels, H, W) to logits (B, 1, H, W); the classic U-Nets need H and W divisible by
+2**unet_depth, the ResNet variants resize their skips.
 Settings a variant has no use for are ignored: the classic U-Nets have no pretrained encoder to load
 or freeze (encoder, encoder_weights, freeze_stages), the ResNet variants no unet_width/unet_depth/upsample,
 so one study config can span all four variants.
