@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 
 from raysegm.config import ExperimentConfig, from_dict, replace, save_json, to_dict
+from raysegm.storage import replace_atomically
 
 VAL_METRIC = "val_per_patient_dice"  # mean over validation patients of the per-patient Dice
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_per_patient_dice", "val_pooled_dice",
@@ -280,10 +281,7 @@ def _write_result(result, run_dir: Path) -> dict:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    # A reader never sees a half-written file: write beside it, then rename.
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
+    replace_atomically(path, lambda temporary: temporary.write_text(text))  # never seen half-written
 
 
 # ---------------------------------------------------------------------------------------------------

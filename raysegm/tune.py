@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from raysegm.config import RUN_ONLY, ExperimentConfig, from_dict, replace, save_json, to_dict
+from raysegm.storage import replace_atomically
 from raysegm.train import VAL_METRIC
 
 TUNE_DIR = "tune"
@@ -524,9 +525,8 @@ def _encoder_label(config: ExperimentConfig) -> str:
 
 
 def _write_json(path: Path, value) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    partial.replace(path)
+    text = json.dumps(value, indent=2, default=str) + "\n"
+    replace_atomically(path, lambda temporary: temporary.write_text(text))  # never seen half-written
 
 
 def _write_table(study_dir: Path, name: str, table: pd.DataFrame, markdown: str) -> None:
