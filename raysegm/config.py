@@ -152,6 +152,15 @@ RUN_ONLY = {"data": ("read_cpus", "read_tasks", "read_cache_mb"),
             "tune": ("max_concurrent_trials", "trial_cpus", "mlflow_tracking_uri")}
 
 
+def changed_settings(saved: dict, config: ExperimentConfig, sections: tuple[str, ...] = ("data", "model", "train", "infer"),
+                     allowed: dict[str, tuple[str, ...]] = RUN_ONLY) -> list[str]:
+    """The `section.key`s of `sections` where `config` differs from `saved` (a run's config.json), less
+    those in `allowed`; keys added to the settings since `saved` was written take their defaults."""
+    current, saved = to_dict(config), to_dict(from_dict(saved))
+    return [f"{section}.{key}" for section in sections for key in current[section]
+            if key not in allowed.get(section, ()) and saved[section][key] != current[section][key]]
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     data: DataSettings = field(default_factory=DataSettings)

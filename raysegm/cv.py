@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raysegm.config import RUN_ONLY, ExperimentConfig, from_dict, replace, save_json, to_dict
+from raysegm.config import ExperimentConfig, changed_settings, replace, save_json
 
 DEFAULT_FOLDS = 5  # k when neither --folds nor data.folds gives one
 
@@ -84,10 +84,7 @@ def members(fold: int, config: ExperimentConfig) -> list[tuple[str, int]]:
 
 def _check_same(saved: dict, config: ExperimentConfig, path: Path) -> None:
     # Where and how it runs may change on resume (scale, run, RUN_ONLY); what it measures may not.
-    current, saved = to_dict(config), to_dict(from_dict(saved))  # keys added since take their defaults
-    changed = [f"{section}.{key}" for section in ("data", "model", "train", "infer")
-               for key in current[section]
-               if key not in RUN_ONLY.get(section, ()) and saved[section][key] != current[section][key]]
+    changed = changed_settings(saved, config)
     if changed:
         raise ValueError(f"{path}: the cross-validation was started with other settings ({', '.join(changed)}); "
                          f"resume it with the same config or choose another run.name")

@@ -35,7 +35,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raysegm.config import ExperimentConfig, from_dict, replace, save_json, to_dict
+from raysegm.config import (
+    RUN_ONLY,
+    ExperimentConfig,
+    changed_settings,
+    from_dict,
+    replace,
+    save_json,
+    to_dict,
+)
 from raysegm.storage import replace_atomically
 
 VAL_METRIC = "val_per_patient_dice"  # mean over validation patients of the per-patient Dice
@@ -57,13 +65,16 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
 
     Returns {run_dir, best_checkpoint, latest_checkpoint, best (the best epoch's metrics), history,
     epochs_completed, resumed_after}. A run name that already holds a run is a FileExistsError unless
-    `resume` is true, which continues it from its latest checkpoint (also with more epochs).
+    `resume` is true, which continues it from its latest checkpoint (also with more epochs); a resume
+    may change train.epochs and how the run runs (scale, RUN_ONLY), not what it trains.
     """
     check_settings(config)
     storage_path = Path(config.run.storage_path).expanduser().resolve()
     run_dir = storage_path / config.run.name
     if resume and not holds_run(run_dir):
         raise FileNotFoundError(f"nothing to resume: {run_dir} holds no run")
+    if resume and (run_dir / "config.json").is_file():
+        _check_resumable(json.loads((run_dir / "config.json").read_text()), config, run_dir / "config.json")
     if not resume and holds_run(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume "
                               f"(resume=True) or choose another run.name")
@@ -180,6 +191,16 @@ def run_state(run_dir: Path, epochs: int) -> str:
     if result.is_file() and json.loads(result.read_text()).get("epochs_completed", 0) >= epochs:
         return "finished"
     return "unfinished" if holds_run(run_dir) else "new"
+
+
+def _check_resumable(saved: dict, config: ExperimentConfig, path: Path) -> None:
+    # the run fills in data.manifest (a data_dir's or the synthetic set's); only one the user names is compared
+    config = replace(config, data={"manifest": config.data.manifest or saved.get("data", {}).get("manifest", "")})
+    allowed = {**RUN_ONLY, "train": ("epochs",)}
+    changed = changed_settings(saved, config, sections=("data", "model", "train"), allowed=allowed)
+    if changed:
+        raise ValueError(f"{path}: the run was started with other settings ({', '.join(changed)}); resume it "
+                         f"with the same config (train.epochs and scale may change) or choose another run.name")
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -65,9 +65,11 @@ COMPONENTS = {
     "unet_resnet50_attention": frozenset({"ResNet encoder", "attention"}),
 }
 # Keys that may change when a study is resumed: where and how it runs, not what it measures. The data
-# and tune ones of RUN_ONLY (read workers, their cache, trials at once, tracking) are applied to the
-# resumed study; data.manifest may be left out or differ, and the study keeps the one it resolved at its start.
-RESUMED_RUN_ONLY = ("data", "tune")
+# ones of RUN_ONLY (read workers, their cache) are applied to the resumed study; data.manifest may be
+# left out or differ, and the study keeps the one it resolved at its start. Tune's own (trials at once,
+# trial CPUs, MLflow tracking) may not change: Tuner.restore reloads them from the experiment state as
+# the study started, and each restored trial keeps its resource request.
+RESUMED_RUN_ONLY = ("data",)
 RESUMABLE_KEYS = ("scale.", "run.", "infer.", "data.manifest",
                   *(f"{section}.{key}" for section in RESUMED_RUN_ONLY for key in RUN_ONLY[section]))
 # The paper's Table 5 as printed (accuracy, Dice, IoU, loss).
@@ -167,8 +169,9 @@ def run_study(config: ExperimentConfig, resume: bool = False) -> Path:
 
     A folder that already holds a study is a FileExistsError without `resume`. With it, finished
     trials are kept as they are, unfinished and errored ones continue from their Train run's latest
-    checkpoint; the study's config.json is authoritative, and a config that changes what is measured
-    (anything but scale, run, infer and the trial concurrency/resources) is a ValueError.
+    checkpoint; the study's config.json is authoritative, and a config that changes anything but scale,
+    run, infer and the data read settings is a ValueError. ASHA's rungs are not part of Tune's saved
+    state: after a resume, trials are compared only with results reported since.
     """
     study_dir = Path(config.run.storage_path).expanduser().resolve() / config.run.name
     tune_dir = study_dir / TUNE_DIR
@@ -365,6 +368,7 @@ def run_trial(params: dict, *, base: dict, manifest_path: str, study_dir: str) -
     it as finished) is not trained again: its last epoch is reported from the saved history.
     """
     from ray import tune
+    from ray.data import DataContext
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raysegm.train import build_trainer
@@ -378,6 +382,9 @@ def run_trial(params: dict, *, base: dict, manifest_path: str, study_dir: str) -
     if finished:
         tune.report(outcome["history"][outcome["epochs_completed"]])
         return
+    # The trial's datasets are built here, in its actor: its log is a file, where progress bars are noise
+    # (the driver's setting does not reach the actors of a cluster started elsewhere)
+    DataContext.get_current().enable_progress_bars = False
     trainer = build_trainer(config, manifest_path=manifest_path, run_name=run_dir.name,
                             storage_path=str(run_dir.parent), callbacks=[TuneReportCallback()], resume_ok=True)
     trainer.fit()

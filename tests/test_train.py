@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from raysegm.config import load_config, replace
+from raysegm.config import load_config, replace, to_dict
 from raysegm.train import HISTORY_COLUMNS, VAL_METRIC, build_trainer, check_settings, lr_factor, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,28 @@ def read_history(run_dir: Path) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------------------------
 # fast: no Ray
+
+
+def test_a_resume_may_lengthen_the_run_but_not_change_what_it_trains(tmp_path):
+    from raysegm.config import save_json
+    from raysegm.train import _check_resumable
+
+    config = demo_config(tmp_path, "resumed")
+    run_dir = tmp_path / "resumed"
+    run_dir.mkdir()
+    # as build_trainer saves it: the manifest the run prepared filled in
+    saved = replace(config, data={"manifest": str(run_dir / "data" / "manifest.parquet")})
+    save_json(saved, run_dir / "config.json")
+    for changed in ({"train": {"lr": 0.01}}, {"model": {"variant": "unet_attention"}},
+                    {"data": {"size": 32}}, {"data": {"manifest": str(tmp_path / "other.parquet")}}):
+        section, values = next(iter(changed.items()))
+        key = f"{section}.{next(iter(values))}"
+        with pytest.raises(ValueError, match=f"started with other settings \\({key}\\)"):
+            train(replace(config, **changed), resume=True)
+    assert json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(to_dict(saved)))
+    _check_resumable(to_dict(saved), replace(config, train={"epochs": config.train.epochs + 5},
+                                             scale={"num_workers": 1}, data={"read_cache_mb": 0}),
+                     run_dir / "config.json")
 
 
 @pytest.mark.parametrize(("section", "values", "message"), [

@@ -155,6 +155,11 @@ def test_a_resumed_study_takes_new_read_settings_and_keeps_what_it_measures(tmp_
     other = replace(faster, data={"size": 32, "context_slices": 1})
     with pytest.raises(ValueError, match=r"data.context_slices 0 -> 1, data.size 64 -> 32"):
         _resumed_config(tmp_path / "held", other)
+    # Nor are Tune's own settings, which Tuner.restore takes from its saved state whatever we pass
+    fewer = replace(faster, tune={"max_concurrent_trials": config.tune.max_concurrent_trials + 1,
+                                  "trial_cpus": 0.5})
+    with pytest.raises(ValueError, match=r"tune.max_concurrent_trials .*, tune.trial_cpus"):
+        _resumed_config(tmp_path / "held", fewer)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow is installed here")
