@@ -102,27 +102,27 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raysegm.config import POSTPROCESS
+    from raysegm.config import POSTPROCESS, DataSettings
 
     parser = argparse.ArgumentParser(prog="raysegm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the kaggle_3m layout")
     p.add_argument("--out", required=True)
-    p.add_argument("--patients", type=int, default=12)
-    p.add_argument("--slices", type=int, default=16)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--patients", type=int, default=DataSettings.synthetic_patients)
+    p.add_argument("--slices", type=int, default=DataSettings.synthetic_slices, help="slices per patient")
+    p.add_argument("--size", type=int, default=128, help="side of the written slices in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_synth)
 
     p = sub.add_parser("prepare", help="find slices, validate them, split by patient, write the manifest")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--out", required=True, help="manifest Parquet file")
-    p.add_argument("--seed", type=int, default=0, help="split seed")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--folds", type=int, default=0, help="k for k-fold (0: plain split)")
-    p.add_argument("--fold", type=int, default=0, help="validation fold when --folds > 0")
+    p.add_argument("--seed", type=int, default=DataSettings.split_seed, help="split seed")
+    p.add_argument("--val-fraction", type=float, default=DataSettings.val_fraction)
+    p.add_argument("--test-fraction", type=float, default=DataSettings.test_fraction)
+    p.add_argument("--folds", type=int, default=DataSettings.folds, help="k for k-fold (0: plain split)")
+    p.add_argument("--fold", type=int, default=DataSettings.fold, help="validation fold when --folds > 0")
     p.add_argument("--strict", action="store_true", help="exit with an error if any file is rejected")
     p.set_defaults(handler=_prepare)
 

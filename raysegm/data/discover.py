@@ -58,7 +58,7 @@ SIDECAR_SUFFIXES = (".csv", ".json", ".txt", ".md", ".yaml", ".yml", ".parquet")
 KAGGLE_FOLDER = re.compile(r"^[A-Za-z0-9]+_([A-Za-z0-9]+)_[A-Za-z0-9_]+$")
 MODALITY = re.compile(r"^(.+)_(\d{4})$")
 TRAILING_NUMBER = re.compile(r"(\d+)$")
-STATS_PERCENTILES = (0.5, 99.5)  # DataSettings.clip_percentiles default; the manifest stores these
+STATS_PERCENTILES = tuple(DataSettings.clip_percentiles)  # the default; the manifest stores these
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = [
     "volume_id", "slice_index", "split", "image_path", "mask_path", "source_format", "labeled",
@@ -349,8 +349,9 @@ def discover(data_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
 # splits
 
 
-def assign_splits(volume_ids, *, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2,
-                  folds: int = 0, fold: int = 0) -> dict[str, str]:
+def assign_splits(volume_ids, *, seed: int = DataSettings.split_seed, val_fraction: float = DataSettings.val_fraction,
+                  test_fraction: float = DataSettings.test_fraction, folds: int = DataSettings.folds,
+                  fold: int = DataSettings.fold) -> dict[str, str]:
     """volume_id -> "train" / "val" / "test", by volume, a function of the seed and the set of ids alone.
 
     The distinct ids are sorted, then permuted by numpy's PCG64 Generator seeded with `seed`, so the
@@ -414,8 +415,9 @@ def manifest_settings(path) -> dict:
     return json.loads(metadata[METADATA_KEY])
 
 
-def prepare(data_dir, out, *, split_seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2,
-            folds: int = 0, fold: int = 0, strict: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+def prepare(data_dir, out, *, split_seed: int = DataSettings.split_seed, val_fraction: float = DataSettings.val_fraction,
+            test_fraction: float = DataSettings.test_fraction, folds: int = DataSettings.folds,
+            fold: int = DataSettings.fold, strict: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Discover and validate `data_dir`, split by volume, write the manifest: (manifest, rejects).
 
     Writes the manifest Parquet at `out` (split settings in its metadata) and the rejects beside it as

@@ -36,7 +36,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm/torchvision ResNet weights, as smp
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def volume_stats(images: np.ndarray | Sequence[np.ndarray], clip_percentiles=(0.5, 99.5)) -> dict:
+def volume_stats(images: np.ndarray | Sequence[np.ndarray], clip_percentiles=DataSettings.clip_percentiles) -> dict:
     """Per-channel intensity statistics of one volume.
 
     images: (S, H, W, C), or a sequence of (H, W, C) slices that may differ in size.
