@@ -10,16 +10,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 LGG_SAMPLE = SHARED_DATA / "lgg-sample" / "kaggle_3m"
-LGG_DEV_ARCHIVE = SHARED_DATA / "lgg-dev-40.tar.xz"
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 
 
 @pytest.fixture(scope="session")
 def lgg_sample() -> Path:
-    """The 4-patient LGG sample in ../shared/data; skipped where that folder is absent."""
+    """The 4-patient LGG sample in ../shared/data; skipped where that folder is absent, a failure where it
+    is there without the sample (a moved path must not turn the LGG tests into skips)."""
     if not LGG_SAMPLE.is_dir():
+        if SHARED_DATA.is_dir():
+            pytest.fail(f"{SHARED_DATA} is here but holds no LGG sample at {LGG_SAMPLE}")
         pytest.skip(f"LGG sample not found at {LGG_SAMPLE} (../shared/data is absent in this checkout)")
     return LGG_SAMPLE
 

@@ -136,6 +136,7 @@ def test_classic_unet_decoder_reads_attended_skips_and_bottleneck():
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
     assert torch.equal(first_up_inputs[0], attended[3])  # the decoder starts from the attended bottleneck
+    assert len(decoder_inputs) == 3
     for level, concatenated in zip((2, 1, 0), decoder_inputs):
         skip = attended[level]
         assert torch.equal(concatenated[:, : skip.shape[1]], skip)

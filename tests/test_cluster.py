@@ -53,9 +53,9 @@ def _start_cluster() -> SeparateDisksCluster:
             ray_cluster.start()
             ray_cluster.add_node("node2", num_cpus=2, resources={"node2": 1})
             return ray_cluster
-        except RuntimeError:
+        except BaseException as failure:
             ray_cluster.shutdown()  # a head that failed to start leaves processes too
-            if last_attempt:
+            if last_attempt or not isinstance(failure, (RuntimeError, TimeoutError, subprocess.TimeoutExpired)):
                 raise
 
 

@@ -60,8 +60,8 @@ def test_bad_context_requests_are_errors():
                    DataSettings(context_slices=1))
 
 
-def test_read_input_stacks_the_neighbours_channels_in_order(synth_dir):
-    manifest, _ = prepare(synth_dir, synth_dir.parent / "context-manifest.parquet")
+def test_read_input_stacks_the_neighbours_channels_in_order(synth_dir, tmp_path):
+    manifest, _ = prepare(synth_dir, tmp_path / "context-manifest.parquet")
     volume = manifest[manifest["volume_id"] == manifest["volume_id"].iloc[0]].sort_values("slice_index")
     rows = with_context(volume, 1).to_dict("records")
     files = [tifffile.imread(record["image_path"]) for record in rows]  # (H, W, 3) each, by hand

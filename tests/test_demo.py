@@ -59,10 +59,14 @@ def test_quick_demo_runs_and_prints_where_its_outputs_are(tmp_path):
     assert masks == out / "masks"
 
     # The results table: printed, and one row per trial of the quick grid (2 variants x 1 loss).
-    results = pd.read_csv(study / "results.csv")
+    results = pd.read_csv(study / "results.csv", dtype={"trial_id": str})
     assert sorted(results["variant"]) == ["unet", "unet_resnet50_attention"]
     assert set(results["status"]) == {"completed"}
     assert table.read_text().strip() in stdout
+    # The masks come from the best trial by validation, whatever its test figures
+    printed_best = re.search(r"best trial\s+(\S+) \(", stdout)
+    assert printed_best, stdout[-4000:]
+    assert printed_best.group(1) == results.loc[results["val_dice"].idxmax(), "trial_id"]
 
     # The report references only images that exist.
     html = report.read_text()

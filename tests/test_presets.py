@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from raysegm.config import load_config, replace
+from raysegm.config import POSTPROCESS, load_config, replace
 from raysegm.losses import make_loss
 from raysegm.models import create_model
 from raysegm.train import check_settings
+from raysegm.tune import check_study, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -32,3 +33,19 @@ def test_preset_is_valid(path):
         logits = model.eval()(torch.zeros(1, config.data.model_channels, side, side))
     assert logits.shape == (1, 1, side, side)
     assert config.data.size % side == 0, "the slice size must be divisible by the network's downsampling"
+    assert config.infer.postprocess in POSTPROCESS
+
+
+@pytest.mark.parametrize("path", [p for p in PRESETS if p.name.startswith("ablation-")], ids=lambda p: p.name)
+def test_every_trial_of_an_ablation_preset_builds_and_runs(path):
+    config = load_config(path)
+    grid = check_study(config)
+    assert len(grid) == len(config.tune.variants) * len(config.tune.batch_sizes) * len(config.tune.losses)
+    for params in grid:
+        trial = trial_config(config, params)
+        model = create_model(replace(trial, model={"encoder_weights": "none"}).model, trial.data.model_channels)
+        side = 2 ** max(trial.model.encoder_depth, trial.model.unet_depth) * 2
+        images, masks = torch.randn(2, trial.data.model_channels, side, side), torch.zeros(2, 1, side, side)
+        loss = make_loss(trial.train.loss)(model.train()(images), masks)
+        loss.backward()
+        assert torch.isfinite(loss), params
