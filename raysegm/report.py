@@ -254,10 +254,16 @@ def _overlays(study_dir: Path, scored: pd.DataFrame, per_patient: pd.DataFrame, 
     patients = per_patient[per_patient["trial_id"] == best["trial_id"]].sort_values(["dice", "volume_id"])
     if patients.empty:
         return ""
-    threshold = config["infer"]["threshold"]
+    from raysegm.metrics import SegmentationMeter
+
+    threshold = SegmentationMeter().threshold  # the threshold the Dice in each title was scored at
     picks = [("best", patients.iloc[-1]), ("worst", patients.iloc[0])]
     if len(patients) == 1:
         picks = picks[:1]
+    missing = [path for path in (best["checkpoint"], config["data"]["manifest"]) if not Path(path).exists()]
+    if missing:  # a study folder copied from where it ran
+        return (f"## Best and worst test patients of the best trial\n\nNo overlays: {', '.join(missing)} "
+                f"not found here (the study was run elsewhere).\n\n")
     lines = [f"## Best and worst test patients of the best trial\n\nThe best trial by validation is "
              f"{best['trial_id']} ({best['model']}, batch {best['batch_size']}, {best['loss']}; validation "
              f"per-patient Dice {best['val_dice']:.3f}). Its checkpoint `{best['checkpoint']}` predicts "

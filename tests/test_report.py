@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -109,6 +110,17 @@ def test_a_hand_built_study_gets_its_tables_and_report(hand_built_study):
     for heading in ("## Ablation results", "## Per-variant summary", "## Paired differences",
                     "## The paper's Table 5 beside ours", "### Why these numbers cannot be compared"):
         assert heading in markdown
+
+
+def test_a_study_copied_from_where_it_ran_gets_its_report_without_overlays(hand_built_study, tmp_path):
+    write_results(hand_built_study)
+    copy = tmp_path / "copied"
+    shutil.copytree(hand_built_study, copy)
+    shutil.rmtree(hand_built_study)  # its checkpoints and manifest, which results.json names, are gone
+    write_report(copy)
+    markdown = (copy / "report.md").read_text()
+    assert "No overlays:" in markdown and "not found here (the study was run elsewhere)" in markdown
+    assert "## Ablation results" in markdown and not (copy / "figures" / "overlay_best.png").exists()
 
 
 @pytest.mark.slow
