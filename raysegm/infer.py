@@ -34,9 +34,11 @@ rest. Each part records the sha1 of its volume's input files (`volume_fingerprin
 discovered or rejected for it, by name and bytes) in its Parquet metadata; a volume whose files changed
 since (a slice added, replaced or fixed) is segmented again and its part replaced in one rename, and
 committed volumes no longer in the input are named and kept. `_raysegm.json` (model id, checkpoint,
-input, the settings that change the masks) is written before any part; pyarrow ignores `_`-prefixed
-files, so `pandas.read_parquet(output)` reads the parts alone. Output of another checkpoint, of another
-input, or of the same ones with other tta/postprocess/threshold, in the folder is an error. Two jobs
+input, the settings that change the masks, the arithmetic) is written before any part; pyarrow ignores
+`_`-prefixed files, so `pandas.read_parquet(output)` reads the parts alone. Output of another
+checkpoint, of another input, or of the same ones with other tta/postprocess/threshold or arithmetic
+(bf16 on GPUs, fp32), in the folder is an error; parts written before parts recorded their input's
+fingerprint are kept as they are. Two jobs
 must not write into one output at the same time.
 
 Rows follow the contract's "Inference output" schema (`SCHEMA`). Error rows carry status "error", the
@@ -106,7 +108,7 @@ PART_PREFIX = "part-"
 TEMP_PREFIX = ".tmp-"
 PRECISIONS = ("auto", "fp32")
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt")
-MASK_OUTPUTS = ("tta", "postprocess", "threshold", "precision")  # settings that change the masks in a folder
+MASK_OUTPUTS = ("tta", "postprocess", "threshold")  # settings that change the masks in an output folder
 FINGERPRINT_KEY = b"raysegm.input_sha1"  # a part's Parquet metadata: the sha1 of its volume's input files
 
 
@@ -414,6 +416,11 @@ class OutputFolder:
                     f"{self.location}: holds the masks of input {existing['input']}, not of "
                     f"{metadata.get('input')}; write into another folder"
                 )
+            if existing.get("arithmetic", metadata.get("arithmetic")) != metadata.get("arithmetic"):
+                raise ValueError(
+                    f"{self.location}: its masks were computed in {existing['arithmetic']}, this run computes "
+                    f"in {metadata.get('arithmetic')} (infer.precision and GPUs); write into another folder"
+                )
             for key in MASK_OUTPUTS:
                 if existing.get("settings", {}).get(key) != metadata["settings"][key]:
                     raise ValueError(
@@ -488,7 +495,7 @@ def _stage(input_location: str, staging: Path) -> tuple[Path, str]:
         raise FileNotFoundError(f"input not found: {input_location}")
     print(f"infer: copying {input_location} to {staging} (URI inputs are staged locally)", flush=True)
     pafs.copy_files(path, str(staging), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return staging, input_location.rstrip("/")
+    return staging.resolve(), input_location.rstrip("/")
 
 
 def _source(path: str, root: Path, prefix: str) -> str:
@@ -515,7 +522,7 @@ def reject_key(path: str, root: Path) -> tuple[str, int]:
     from raysegm.data.discover import KAGGLE_FOLDER, TRAILING_NUMBER
     from raysegm.data.io import NIFTI_SUFFIXES, nifti_stem
 
-    file = Path(path).resolve()
+    file = Path(os.path.abspath(path))  # not resolve(): a link is named by where it is, not where it points
     if file.name.lower().endswith(NIFTI_SUFFIXES):
         return re.sub(r"_(\d{4}|mask|seg)$", "", nifti_stem(file)), -1
     relative = file.parent.relative_to(root).as_posix() if file.parent.is_relative_to(root) else file.parent.name
@@ -539,18 +546,22 @@ def volume_fingerprints(slices: pd.DataFrame, rejects: pd.DataFrame, root: Path)
     files: dict[str, set[str]] = defaultdict(set)
     for volume_id, paths in zip(slices["volume_id"], slices["image_path"]):
         files[volume_id].update(str(paths).split(PATH_SEPARATOR))
-    for path in rejects["path"]:
-        files[reject_key(str(path), root)[0]].add(str(path))
+    for paths in rejects["path"]:  # a NIfTI case's modality files come joined
+        files[reject_key(str(paths), root)[0]].update(str(paths).split(PATH_SEPARATOR))
+    root = root.resolve()
     fingerprints = {}
     for volume_id, paths in files.items():
         digest = hashlib.sha1()
         for path in sorted(paths):
             name = Path(path).resolve()
             digest.update(f"{name.relative_to(root) if name.is_relative_to(root) else name}\0".encode())
-            with open(path, "rb") as file:
-                content = hashlib.sha1()
-                while chunk := file.read(1 << 20):
-                    content.update(chunk)
+            content = hashlib.sha1()
+            try:
+                with open(path, "rb") as file:
+                    while chunk := file.read(1 << 20):
+                        content.update(chunk)
+            except OSError as error:  # rejected as unreadable or missing: its state is the error
+                content.update(f"unreadable: {type(error).__name__}".encode())
             digest.update(content.digest())
         fingerprints[volume_id] = digest.hexdigest()
     return fingerprints
@@ -726,15 +737,18 @@ def infer(checkpoint, input, output, settings: InferSettings, *, tta: bool | Non
         errors = _error_rows(rejects, slices, root, prefix, model)
 
         out = OutputFolder(str(output))
+        # bf16 on the replicas' GPUs where precision is "auto", else fp32: a few pixels may differ
+        arithmetic = "bf16" if settings.precision == "auto" and settings.gpus_per_replica else "fp32"
         committed = out.open({
-            "model": model, "checkpoint": str(checkpoint), "input": prefix,
+            "model": model, "checkpoint": str(checkpoint), "input": prefix, "arithmetic": arithmetic,
             "model_name": summary.get("model_name", config.model.variant), "settings": to_dict(settings),
         })
         volume_ids = sorted(set(slices["volume_id"]) | set(errors["volume_id"]))
         fingerprints = volume_fingerprints(slices, rejects, root)
-        changed = [v for v in volume_ids
-                   if part_name(v) in committed and out.fingerprint(part_name(v)) != fingerprints[v]]
-        todo = [v for v in volume_ids if part_name(v) not in committed or v in changed]
+        recorded = {v: out.fingerprint(part_name(v)) for v in volume_ids if part_name(v) in committed}
+        # a part written before parts recorded their input ("") is taken as it is
+        changed = [v for v, recorded_as in recorded.items() if recorded_as and recorded_as != fingerprints[v]]
+        todo = [v for v in volume_ids if v not in recorded or v in changed]
         skipped = len(volume_ids) - len(todo)
         gone = sorted(committed - {part_name(v) for v in volume_ids})
         if changed:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import signal
@@ -43,6 +42,7 @@ from raysegm.infer import (
     postprocess_volume,
     read_slices,
     reject_key,
+    volume_fingerprints,
 )
 from raysegm.losses import make_loss
 from raysegm.models import create_model
@@ -550,6 +550,33 @@ def test_rerun_redoes_a_volume_whose_files_changed_and_names_one_no_longer_there
     third = infer(untrained_checkpoint, root, tmp_path / "out", SETTINGS)
     assert (third["volumes_changed"], third["volumes_skipped"], third["volumes_written"]) == (0, 2, 0)
 
+    # a part from before parts recorded their input is kept as it is, whatever its files now hold
+    old_part = pd.read_parquet(tmp_path / "out" / part_name(kept))
+    OutputFolder(str(tmp_path / "out")).commit(kept, old_part)  # no fingerprint
+    (root / kept / f"{kept}_1.tif").write_bytes(b"changed since")
+    fourth = infer(untrained_checkpoint, root, tmp_path / "out", SETTINGS)
+    assert (fourth["volumes_changed"], fourth["volumes_written"]) == (0, 0)
+
+
+def test_fingerprints_cover_joined_and_unreadable_rejects(tmp_path):
+    import nibabel
+
+    root = tmp_path / "in"
+    for folder in ("a", "b"):  # one case twice: the second copy is rejected, its modality paths joined
+        (root / folder).mkdir(parents=True)
+        for k in range(3):
+            nibabel.save(nibabel.Nifti1Image(np.full((8, 8, 2), k + 1, np.int16), np.eye(4)),
+                         root / folder / f"CASE1_000{k}.nii.gz")
+    (root / "c").mkdir()
+    (root / "c" / "CASE2_0001.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")  # a broken link
+    slices, rejects = discover(root)
+    assert any("|" in str(path) for path in rejects["path"]), rejects
+    first = volume_fingerprints(slices, rejects, root)
+    assert set(first) == {"CASE1", "CASE2"}
+    assert volume_fingerprints(slices, rejects, root) == first
+    nibabel.save(nibabel.Nifti1Image(np.full((8, 8, 2), 9, np.int16), np.eye(4)), root / "b" / "CASE1_0002.nii.gz")
+    assert volume_fingerprints(slices, rejects, root)["CASE1"] != first["CASE1"]  # the rejected copy counts
+
 
 def test_output_of_another_checkpoint_or_other_settings_is_an_error(archive, untrained_checkpoint, tmp_path):
     settings = {"tta": False, "postprocess": "none", "threshold": 0.5, "precision": "auto"}
@@ -562,9 +589,12 @@ def test_output_of_another_checkpoint_or_other_settings_is_an_error(archive, unt
     with pytest.raises(ValueError, match="tta=False"):
         infer(untrained_checkpoint, archive[0], tmp_path / "same", SETTINGS, tta=True)
     assert sorted(p.name for p in (tmp_path / "same").iterdir()) == [METADATA]
-    # bf16 masks (auto on a GPU) and fp32 ones may differ in a few pixels: not mixed in one folder
-    with pytest.raises(ValueError, match="made with precision='auto', this run asks for precision='fp32'"):
-        infer(untrained_checkpoint, archive[0], tmp_path / "same", dataclasses.replace(SETTINGS, precision="fp32"))
+    # bf16 masks (precision auto on GPU replicas) and fp32 ones (CPU) may differ in a few pixels: not mixed
+    OutputFolder(str(tmp_path / "gpu")).open({"model": model_id(untrained_checkpoint), "checkpoint": "c",
+                                               "input": str(Path(archive[0]).resolve()), "arithmetic": "bf16",
+                                               "settings": settings})
+    with pytest.raises(ValueError, match="its masks were computed in bf16, this run computes in fp32"):
+        infer(untrained_checkpoint, archive[0], tmp_path / "gpu", SETTINGS)
     # another archive into the same folder: its volumes of committed names would be skipped, so refused
     model = {"model": "0123456789abcdef", "checkpoint": "c", "settings": settings}
     OutputFolder(str(tmp_path / "one")).open({**model, "input": "/archive/a"})
