@@ -1,5 +1,6 @@
 """Bulk inference as a Ray job: `ray job submit --working-dir . -- python jobs/infer.py --checkpoint CKPT
---input ARCHIVE --output OUT [--config configs/x.yaml] [--set infer.replicas=4] [--tta | --no-tta] [--postprocess lcc]`.
+--input ARCHIVE --output OUT [--config configs/x.yaml] [--set infer.replicas=4] [--tta | --no-tta]
+[--postprocess lcc]`.
 
 Calls the same `raysegm.infer.infer` as `raysegm infer`; under `ray job submit` (RAY_ADDRESS is set) it
 joins the cluster, otherwise it starts a local Ray.

@@ -145,6 +145,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         raise ValueError(f"{path}: refused, it holds objects other than tensors ({error})") from error
     except Exception as error:  # truncated or empty: whatever safetensors or torch raise, name the file
         raise ValueError(f"{path}: unreadable weights ({type(error).__name__}: {error})") from error
+    head = state.get("segmentation_head.0.weight")
+    if head is not None and tuple(head.shape[-2:]) == (3, 3):
+        raise ValueError(f"{path}: a {model_name(config.model)} with a 3x3 head, written before the ResNet "
+                         f"variants took the paper's 1x1 head (4.3.3); train it again with this version")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -145,7 +145,8 @@ class InferSettings:
 
 
 # Settings that change how a run runs (processes, memory, batching of the scoring, tracking), not what it
-# trains or measures: `raysegm cv --resume` and `raysegm tune --resume` let them change.
+# trains or measures: `raysegm cv --resume` and `train --resume` let them change, `tune --resume` the data
+# ones (Tune restores its own as the study started them).
 RUN_ONLY = {"data": ("read_cpus", "read_tasks", "read_cache_mb"),
             "infer": ("batch_size", "replicas", "cpus_per_replica", "gpus_per_replica", "torch_threads",
                       "read_cpus", "read_tasks", "local_num_cpus", "object_store_mb"),
@@ -154,10 +155,11 @@ RUN_ONLY = {"data": ("read_cpus", "read_tasks", "read_cache_mb"),
 
 def changed_settings(saved: dict, config: ExperimentConfig, sections: tuple[str, ...] = ("data", "model", "train", "infer"),
                      allowed: dict[str, tuple[str, ...]] = RUN_ONLY) -> list[str]:
-    """The `section.key`s of `sections` where `config` differs from `saved` (a run's config.json), less
-    those in `allowed`; keys added to the settings since `saved` was written take their defaults."""
+    """`section.key saved -> now` for each setting of `sections` where `config` differs from `saved` (a
+    run's config.json), less those in `allowed`; keys added since `saved` was written take their defaults."""
     current, saved = to_dict(config), to_dict(from_dict(saved))
-    return [f"{section}.{key}" for section in sections for key in current[section]
+    return [f"{section}.{key} {saved[section][key]!r} -> {current[section][key]!r}"
+            for section in sections for key in current[section]
             if key not in allowed.get(section, ()) and saved[section][key] != current[section][key]]
 
 

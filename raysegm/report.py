@@ -92,7 +92,9 @@ def _overview(study_dir: Path, config: dict, results: pd.DataFrame) -> str:
     data, train, tune = config["data"], config["train"], config["tune"]
     manifest = pd.read_parquet(data["manifest"]) if data["manifest"] and Path(data["manifest"]).is_file() else None
     lines = ["## The study\n"]
-    prepared_here = Path(data["manifest"]) == (study_dir / "data" / "manifest.parquet").resolve()
+    manifest_path = Path(data["manifest"] or ".")
+    # the study's own (prepared from data_dir, or synthetic), also in a study folder copied from where it ran
+    prepared_here = manifest_path.parts[-3:] == (config["run"]["name"], "data", "manifest.parquet")
     if data["manifest"] and not prepared_here:  # a manifest the user gave wins over data_dir
         source = f"manifest `{data['manifest']}`"
     elif data["data_dir"]:

@@ -194,13 +194,13 @@ def run_state(run_dir: Path, epochs: int) -> str:
 
 
 def _check_resumable(saved: dict, config: ExperimentConfig, path: Path) -> None:
-    # the run fills in data.manifest (a data_dir's or the synthetic set's); only one the user names is compared
+    # the run fills in data.manifest (a data_dir's or the synthetic set's): only one the user names counts
     config = replace(config, data={"manifest": config.data.manifest or saved.get("data", {}).get("manifest", "")})
-    allowed = {**RUN_ONLY, "train": ("epochs",)}
+    allowed = {**RUN_ONLY, "train": ("epochs", "channels_last")}  # length, and a memory layout
     changed = changed_settings(saved, config, sections=("data", "model", "train"), allowed=allowed)
     if changed:
         raise ValueError(f"{path}: the run was started with other settings ({', '.join(changed)}); resume it "
-                         f"with the same config (train.epochs and scale may change) or choose another run.name")
+                         f"with those (--set) or choose another run.name; train.epochs and scale may change")
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -189,6 +189,13 @@ def test_bad_checkpoints_are_clear_errors(saved, tmp_path):
     )
     with pytest.raises(ValueError, match=r"model\.safetensors: weights do not fit unet_resnet50_attention\[resnet34\]"):
         load_model(directory)
+    older = tmp_path / "older"  # a ResNet checkpoint from before the paper's 1x1 head
+    shutil.copytree(saved[1], older)
+    state = load_file(str(older / "model.safetensors"))
+    state["segmentation_head.0.weight"] = torch.zeros(1, state["segmentation_head.0.weight"].shape[1], 3, 3)
+    save_file(state, str(older / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.safetensors: a unet_resnet50_attention\[resnet18\] with a 3x3 head"):
+        load_model(older)
     one_channel = replace(TINY, data={"in_channels": 1})
     with pytest.raises(ValueError, match="3 input channels"):
         save_checkpoint(tmp_path / "h", trained_model(TINY), one_channel)

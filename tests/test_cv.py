@@ -56,7 +56,7 @@ def test_a_resume_may_change_how_it_runs_but_not_what_it_measures(tmp_path):
             assert hasattr(getattr(config, section), key), f"RUN_ONLY names no setting {section}.{key}"
     _check_same(saved, replace(config, data={"read_tasks": 1, "read_cache_mb": 0, "read_cpus": 0.5},
                                infer={"replicas": 2, "batch_size": 4}, scale={"num_workers": 1}), tmp_path)
-    with pytest.raises(ValueError, match=r"\(data\.context_slices, infer\.tta\)"):
+    with pytest.raises(ValueError, match=r"\(data\.context_slices 0 -> 1, infer\.tta False -> True\)"):
         _check_same(saved, replace(config, data={"context_slices": 1, "read_tasks": 1}, infer={"tta": True}), tmp_path)
 
 

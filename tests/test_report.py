@@ -120,6 +120,7 @@ def test_a_study_copied_from_where_it_ran_gets_its_report_without_overlays(hand_
     write_report(copy)
     markdown = (copy / "report.md").read_text()
     assert "No overlays:" in markdown and "not found here (the study was run elsewhere)" in markdown
+    assert "- Data: synthetic, 6 patients x 4 slices, resized to" in markdown
     assert "## Ablation results" in markdown and not (copy / "figures" / "overlay_best.png").exists()
 
 

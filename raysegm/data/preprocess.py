@@ -179,7 +179,8 @@ def augment_intensity(image: np.ndarray, data: DataSettings, rng: np.random.Gene
 
     Then sequence dropout: with probability data.sequence_dropout each, the pre-contrast and the
     post-contrast sequence are replaced by FLAIR, which is what kaggle_3m stores for a missing sequence
-    (and, since scaling is per channel, exactly what a patient missing that sequence looks like after it).
+    (and, since scaling is per channel, exactly what a patient missing that sequence looks like after it;
+    under normalize "imagenet" only up to ImageNet's per-channel mean and std).
     """
     if data.sequence_dropout and data.in_channels != 3:
         raise ValueError(f"data.sequence_dropout needs 3 sequences per slice (pre-contrast, FLAIR, "

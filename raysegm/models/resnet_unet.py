@@ -1,11 +1,12 @@
 """U-Net with a ResNet encoder (paper 3.1, 4.3.3-4.3.4), built from segmentation-models-pytorch parts.
 
 smp's `Unet.forward` is `encoder(x) -> decoder(features) -> segmentation_head`; we keep its encoder
-and decoder, give it the paper's 1x1 head and put dual attention between the first two, on every encoder output except
-features[0] (the raw input, which smp's decoder drops anyway). Encoder stages deeper than
-`encoder_depth` never run in smp's forward; they are removed so that every parameter receives a
-gradient (DistributedDataParallel without find_unused_parameters fails otherwise) and checkpoints
-carry no dead weights. For ResNet50 at depth 4 that is conv5_x (layer4, 14,964,736 parameters).
+and decoder, give it the paper's 1x1 head and put dual attention between the first two, on every
+encoder output except features[0] (the raw input, which smp's decoder drops anyway). Encoder stages
+deeper than `encoder_depth` never run in smp's forward; they are removed so that every parameter
+receives a gradient (DistributedDataParallel without find_unused_parameters fails otherwise) and
+checkpoints carry no dead weights. For ResNet50 at depth 4 that is conv5_x (layer4, 14,964,736
+parameters).
 """
 
 from __future__ import annotations
