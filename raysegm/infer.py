@@ -38,8 +38,7 @@ input, the settings that change the masks, the arithmetic) is written before any
 `_`-prefixed files, so `pandas.read_parquet(output)` reads the parts alone. Output of another
 checkpoint, of another input, or of the same ones with other tta/postprocess/threshold or arithmetic
 (bf16 on GPUs, fp32), in the folder is an error; parts written before parts recorded their input's
-fingerprint are kept as they are. Two jobs
-must not write into one output at the same time.
+fingerprint are kept as they are. Two jobs must not write into one output at the same time.
 
 Rows follow the contract's "Inference output" schema (`SCHEMA`). Error rows carry status "error", the
 reason naming the file, a null `mask_png` and `max_prob`, 0 tumor pixels, and the slice's size where
