@@ -68,6 +68,9 @@ def test_a_resume_may_lengthen_the_run_but_not_change_what_it_trains(tmp_path):
     _check_resumable(to_dict(saved), replace(config, train={"epochs": config.train.epochs + 5},
                                              scale={"num_workers": 1}, data={"read_cache_mb": 0}),
                      run_dir / "config.json")
+    # the run's own manifest, named where the run folder now lives (moved or copied)
+    moved = replace(config, data={"manifest": str(tmp_path / "moved" / "resumed" / "data" / "manifest.parquet")})
+    _check_resumable(to_dict(saved), moved, run_dir / "config.json")
 
 
 @pytest.mark.parametrize(("section", "values", "message"), [
