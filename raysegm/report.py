@@ -87,15 +87,14 @@ def _section(path: Path) -> str:
 
 
 def _overview(study_dir: Path, config: dict, results: pd.DataFrame) -> str:
+    from raysegm.data.discover import is_own_manifest
     from raysegm.tune import read_launches
 
     data, train, tune = config["data"], config["train"], config["tune"]
     manifest = pd.read_parquet(data["manifest"]) if data["manifest"] and Path(data["manifest"]).is_file() else None
     lines = ["## The study\n"]
-    manifest_path = Path(data["manifest"] or ".")
-    # the study's own (prepared from data_dir, or synthetic), also in a study folder copied from where it ran
-    prepared_here = manifest_path.parts[-3:] == (config["run"]["name"], "data", "manifest.parquet")
-    if data["manifest"] and not prepared_here:  # a manifest the user gave wins over data_dir
+    # the study's own manifest was prepared from data_dir or the synthetic set; a user's wins over data_dir
+    if data["manifest"] and not is_own_manifest(data["manifest"], config["run"]["name"]):
         source = f"manifest `{data['manifest']}`"
     elif data["data_dir"]:
         source = f"`{data['data_dir']}`"

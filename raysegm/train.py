@@ -196,10 +196,11 @@ def run_state(run_dir: Path, epochs: int) -> str:
 def _check_resumable(saved: dict, config: ExperimentConfig, path: Path) -> None:
     # The run fills in data.manifest with its own (<run>/data/manifest.parquet, of a data_dir or the
     # synthetic set), also found in a run folder moved since: only another manifest counts as a change.
+    from raysegm.data.discover import is_own_manifest
+
     saved_manifest = saved.get("data", {}).get("manifest", "")
-    own = [Path(m).parts[-3:] == (config.run.name, "data", "manifest.parquet") for m in (saved_manifest,
-                                                                                          config.data.manifest)]
-    if not config.data.manifest or all(own):
+    if not config.data.manifest or all(is_own_manifest(m, config.run.name)
+                                       for m in (saved_manifest, config.data.manifest)):
         config = replace(config, data={"manifest": saved_manifest})
     allowed = {**RUN_ONLY, "train": ("epochs", "channels_last")}  # length, and a memory layout
     changed = changed_settings(saved, config, sections=("data", "model", "train"), allowed=allowed)

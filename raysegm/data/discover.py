@@ -469,6 +469,12 @@ def load_manifest(path) -> pd.DataFrame:
     return manifest
 
 
+def is_own_manifest(manifest, run_name: str) -> bool:
+    """True for the manifest a run or study named `run_name` prepared for itself with `manifest_for`
+    (`<run_name>/data/manifest.parquet`), also where its folder was moved or copied since."""
+    return bool(manifest) and Path(manifest).parts[-3:] == (run_name, "data", "manifest.parquet")
+
+
 def manifest_for(data: DataSettings, work_dir) -> pd.DataFrame:
     """The manifest a run uses, from its DataSettings.
 
