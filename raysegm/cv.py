@@ -134,7 +134,8 @@ def summary_markdown(summary: dict) -> str:
     scope = (f"all {summary['folds']} folds" if len(summary["folds_scored"]) == summary["folds"]
              else f"fold(s) {', '.join(str(f) for f in summary['folds_scored'])} of {summary['folds']}")
     lines = [
-        f"# Cross-validation: {scope}, {summary['n_patients']} out-of-fold patients, {summary['n_slices']} slices",
+        f"# Cross-validation: {scope}, {summary['n_patients']} out-of-fold patients "
+        f"({summary['tumor_free_patients']} tumor-free, each scoring Dice 1 or 0), {summary['n_slices']} slices",
         "",
         "Scored with each fold's final-epoch checkpoint"
         + (f" (an ensemble of {summary['ensemble']} seeds)" if summary["ensemble"] > 1 else "")

@@ -515,15 +515,21 @@ def reject_key(path: str, root: Path) -> tuple[str, int]:
 
     2D files: the folder's name when it is a kaggle_3m patient folder, else its path relative to the
     root (the root's own name at the top), and the trailing number of the name without `_mask`.
-    NIfTI files: the case (the name without `_0000`, `_mask`, `_seg`) and -1, since a bad file takes
-    the whole case out.
+    NIfTI files: the case (the name without `_mask`, `_seg`, and without `_0000` where the folder's
+    files make it a modality, as `discover.nifti_cases` decides) and -1, since a bad file takes the
+    whole case out.
     """
-    from raysegm.data.discover import KAGGLE_FOLDER, TRAILING_NUMBER
+    from raysegm.data.discover import KAGGLE_FOLDER, TRAILING_NUMBER, nifti_cases
     from raysegm.data.io import NIFTI_SUFFIXES, nifti_stem
 
     file = Path(os.path.abspath(path))  # not resolve(): a link is named by where it is, not where it points
     if file.name.lower().endswith(NIFTI_SUFFIXES):
-        return re.sub(r"_(\d{4}|mask|seg)$", "", nifti_stem(file)), -1
+        stem = re.sub(r"_(mask|seg)$", "", nifti_stem(file))
+        try:
+            siblings = {nifti_stem(f) for f in os.listdir(file.parent) if f.lower().endswith(NIFTI_SUFFIXES)}
+        except OSError:
+            siblings = set()
+        return nifti_cases(siblings | {stem})[stem][0], -1
     relative = file.parent.relative_to(root).as_posix() if file.parent.is_relative_to(root) else file.parent.name
     if KAGGLE_FOLDER.match(file.parent.name):
         volume_id = file.parent.name

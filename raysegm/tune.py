@@ -518,7 +518,7 @@ def write_results(study_dir: str | Path) -> pd.DataFrame:
     pd.DataFrame(curves).to_csv(study_dir / "curves.csv", index=False)
     per_patient_table.to_csv(study_dir / "per_patient.csv", index=False)
     summary_table = variant_summary(results)
-    _write_table(study_dir, "summary", summary_table, summary_markdown(summary_table))
+    _write_table(study_dir, "summary", summary_table, summary_markdown(summary_table, results))
     paired = paired_differences(results, per_patient_table, extra_keys)
     _write_table(study_dir, "paired", paired, paired_markdown(paired))
     (study_dir / "paper.md").write_text(paper_comparison(summary_table))
@@ -549,13 +549,15 @@ def _has_metrics(results: pd.DataFrame) -> pd.DataFrame:
 
 def variant_summary(results: pd.DataFrame) -> pd.DataFrame:
     """Per variant: the trial with the best validation per-patient Dice (chosen without the test set),
-    its test numbers, and the mean, min and max of the per-patient test Dice over the variant's trials."""
+    its test numbers, and the mean, min and max of the per-patient test Dice over the variant's scored
+    trials; `trials` counts those, `trials_failed` the variant's trials that ended without a score."""
     rows = []
     scored = _has_metrics(results)
     for variant, trials in scored.groupby("variant", sort=False):
         chosen = trials.loc[trials["val_dice"].idxmax()]
         rows.append({
             "variant": variant, "model": chosen["model"], "trials": len(trials),
+            "trials_failed": int((results["variant"] == variant).sum()) - len(trials),
             "chosen_trial": chosen["trial_id"], "chosen_batch_size": chosen["batch_size"],
             "chosen_loss": chosen["loss"], "val_dice": chosen["val_dice"],
             "dice_mean": chosen["dice_mean"], "dice_ci_low": chosen["dice_ci_low"],
@@ -686,18 +688,23 @@ def results_markdown(results: pd.DataFrame, extra_keys=()) -> str:
     return "# Ablation results (test split)\n\n" + markdown_table(header, rows) + "\n" + METRIC_NOTE
 
 
-def summary_markdown(summary: pd.DataFrame) -> str:
-    """summary.md: per variant, the trial chosen by validation and the spread over trials."""
-    header = ["variant", "model", "trials", "chosen trial (batch, loss)", "val Dice",
-              "test per-patient Dice [95% CI]", "IoU", "pooled Dice", "HD95", "params",
-              "mean Dice over trials", "min", "max"]
-    rows = [[row["variant"], row["model"], row["trials"],
+def summary_markdown(summary: pd.DataFrame, results: pd.DataFrame) -> str:
+    """summary.md: per variant, the trial chosen by validation and the spread over trials; a variant
+    whose every trial failed is named below the table."""
+    header = ["variant", "model", "trials scored (failed)", "chosen trial (batch, loss)",
+              "val per-patient Dice", "test per-patient Dice [95% CI]", "per-patient IoU", "pooled Dice",
+              "per-patient HD95", "params", "per-patient Dice, mean over trials", "min", "max"]
+    rows = [[row["variant"], row["model"], f"{row['trials']} ({row['trials_failed']})",
              f"{row['chosen_trial']} ({row['chosen_batch_size']}, {row['chosen_loss']})", row["val_dice"],
              _with_ci(row["dice_mean"], row["dice_ci_low"], row["dice_ci_high"]), row["iou_mean"],
              row["pooled_dice"], row["hd95"], f"{int(row['params_total']):,}", row["mean_dice_over_trials"],
              row["min_dice_over_trials"], row["max_dice_over_trials"]] for _, row in summary.iterrows()]
+    unscored = [v for v in dict.fromkeys(results.get("variant", [])) if v not in set(summary.get("variant", []))]
+    failed = ("\nNo trial of " + ", ".join(f"{v} ({int((results['variant'] == v).sum())} failed)" for v in unscored)
+              + " was scored; results.md gives each error.\n" if unscored else "")
     return ("# Per-variant summary\n\nEach variant's trial is chosen by validation per-patient Dice; the test "
-            "numbers are reported for it, never used to choose it.\n\n" + markdown_table(header, rows))
+            "numbers are reported for it, never used to choose it.\n\n" + markdown_table(header, rows)
+            + failed + "\n" + METRIC_NOTE)
 
 
 def paired_markdown(paired: pd.DataFrame) -> str:

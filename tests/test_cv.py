@@ -89,6 +89,9 @@ def test_three_folds_score_every_patient_once_and_resume_keeps_them(tmp_path, sy
     markdown = (cv_dir / "summary.md").read_text()
     for label in ("per-patient Dice, mean [95% CI]", "pooled Dice", "per-slice mean Dice"):
         assert label in markdown
+    tumor_free = int((~table["has_tumor"].astype(bool)).sum())
+    assert summary["tumor_free_patients"] == tumor_free
+    assert f"({tumor_free} tumor-free, each scoring Dice 1 or 0)" in markdown
 
     # a rerun without resume is refused; with it, finished folds are kept as they are
     with pytest.raises(FileExistsError, match="--resume"):

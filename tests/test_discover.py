@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -128,6 +129,8 @@ def _plant_faults(root):
 
     shutil.copy(volume / f"{v}_8.tif", volume / f"{v}_08.tif")
     faults[volume / f"{v}_08.tif"] = f"slice number 8 is also {v}_8.tif"
+    shutil.copy(volume / f"{v}_8_mask.tif", volume / f"{v}_08_mask.tif")
+    faults[volume / f"{v}_08_mask.tif"] = f"its image {v}_08.tif was rejected"
 
     (volume / "notes.bin").write_bytes(b"\x00\x01garbage")
     faults[volume / "notes.bin"] = "unsupported file type"
@@ -221,6 +224,18 @@ def test_image_folder_layout(tmp_path):
     np.testing.assert_array_equal(read_mask(row), mask // 255)
     assert read_mask(a.iloc[0].to_dict()) is None
     np.testing.assert_array_equal(read_image(b.iloc[0].to_dict()), rgb)
+
+
+def test_image_folder_without_distinct_numbers_takes_natural_order(tmp_path):
+    root = tmp_path / "scan"
+    root.mkdir()
+    for index, name in enumerate(("case_10", "cover", "case_2", "case_1")):
+        Image.fromarray(np.full((8, 8), index, np.uint8)).save(root / f"{name}.png")
+    slices, rejects = discover(root)
+    assert rejects.empty
+    order = slices.sort_values("slice_index")["image_path"].map(lambda p: Path(p).stem).tolist()
+    assert order == ["case_1", "case_2", "case_10", "cover"]  # not case_1, case_10, case_2
+    assert slices["slice_index"].tolist() == [0, 1, 2, 3]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -436,3 +451,34 @@ def test_manifest_for_data_dir_with_k_fold(synth_dir, tmp_path):
     assert manifest_settings(tmp_path / "manifest.parquet")["folds"] == 3
     with pytest.raises(ValueError, match="prepared with"):
         manifest_for(DataSettings(data_dir=str(synth_dir), folds=3, fold=2), tmp_path)
+
+
+def test_nifti_names_ending_in_four_digits_are_cases_unless_they_number_modalities(tmp_path):
+    root = tmp_path / "nifti"
+    root.mkdir()
+    _save(np.zeros((8, 8, 4, 3), np.int16), root / "TCGA_CS_4942.nii.gz")  # a 4D case, not modality 4942
+    _save(np.zeros((8, 8, 4), np.uint8), root / "TCGA_CS_4942_mask.nii.gz")
+    for k in range(1, 6):  # five subjects numbered from 1: five cases
+        _save(np.full((8, 8, 3), k, np.int16), root / f"subject_{k:04d}.nii.gz")
+    for m in range(4):  # four modalities numbered from 0: one case, whose _0003 is refused
+        _save(np.zeros((8, 8, 3), np.int16), root / f"brats_{m:04d}.nii.gz")
+    _save(np.zeros((8, 8, 3), np.int16), root / "upper.nii.gz")
+    _save(np.ones((8, 8, 3), np.uint8), root / "upper_mask.NII.GZ")  # the suffix in capitals
+    _save(np.zeros((8, 8, 3), np.int16), root / "twice.nii")
+    _save(np.zeros((8, 8, 3), np.int16), root / "twice.nii.gz")
+    slices, rejects = discover(root)
+    cases = sorted(slices["volume_id"].unique())
+    assert cases == ["TCGA_CS_4942", *[f"subject_{k:04d}" for k in range(1, 6)], "twice", "upper"]
+    assert slices.loc[slices["volume_id"] == "TCGA_CS_4942", "labeled"].all()
+    assert slices.loc[slices["volume_id"] == "upper", "labeled"].all()
+    reasons = dict(zip(rejects["path"].map(lambda p: p.rsplit("/", 1)[1]), rejects["reason"]))
+    assert set(reasons) == {*(f"brats_{m:04d}.nii.gz" for m in range(4)), "twice.nii.gz"}
+    assert "modality _0003 unexpected" in reasons["brats_0000.nii.gz"]
+    assert "separate cases need names" in reasons["brats_0000.nii.gz"]
+    assert reasons["twice.nii.gz"] == "duplicate case name (also twice.nii)"
+    # inference names rejected files' volumes by the same rule
+    from raysegm.infer import reject_key
+
+    assert reject_key(str(root / "TCGA_CS_4942_mask.nii.gz"), root) == ("TCGA_CS_4942", -1)
+    assert reject_key(str(root / "brats_0003.nii.gz"), root) == ("brats", -1)
+    assert reject_key(str(root / "subject_0002.nii.gz"), root) == ("subject_0002", -1)

@@ -25,6 +25,7 @@ from raysegm.tune import (
     paired_differences,
     read_launches,
     run_study,
+    summary_markdown,
     trial_outcome,
     variant_summary,
 )
@@ -229,11 +230,19 @@ def test_the_variant_summary_chooses_by_validation_not_by_test():
         ("a", "unet", "unet", 8, "bce", 0.80, 0.50, 0.4, 0.6, 0.4, 0.5, 0.99, 5.0, 100),
         ("b", "unet", "unet", 8, "dice", 0.60, 0.90, 0.8, 1.0, 0.8, 0.9, 0.99, 2.0, 100),
         ("c", "unet_attention", "unet_attention", 8, "bce", 0.70, 0.70, 0.6, 0.8, 0.6, 0.7, 0.99, 3.0, 110),
+        # failed trials: no scores
+        ("d", "unet", "unet", 32, "bce", *[None] * 9),
+        ("e", "resnet_unet", "resnet50", 8, "bce", *[None] * 9),
     ])
     summary = variant_summary(results).set_index("variant")
     assert summary.loc["unet", "chosen_trial"] == "a"  # best validation, though b tests better
     assert summary.loc["unet", "dice_mean"] == 0.50
-    assert summary.loc["unet", "trials"] == 2
+    assert summary.loc["unet", "trials"] == 2 and summary.loc["unet", "trials_failed"] == 1
+    assert summary.loc["unet_attention", "trials_failed"] == 0
+    markdown = summary_markdown(summary.reset_index(), results)
+    assert "| unet | unet | 2 (1) |" in markdown
+    assert "No trial of resnet_unet (1 failed) was scored" in markdown
+    assert "Per-patient Dice: each test patient" in markdown  # the metric note labels every column
     assert summary.loc["unet", "mean_dice_over_trials"] == pytest.approx(0.70)
     assert (summary.loc["unet", "min_dice_over_trials"], summary.loc["unet", "max_dice_over_trials"]) == (0.5, 0.9)
     assert summary.loc["unet_attention", "chosen_trial"] == "c"

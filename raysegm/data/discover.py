@@ -9,9 +9,13 @@ Layouts:
 - `image`: any other folder of 2D images (tif, tiff, png), each optionally with a `<stem>_mask` twin.
   volume_id is the folder's path relative to the data folder (the data folder's own name for images
   at its top), so one folder is one volume. slice_index is the trailing number of each file stem when
-  every image of the folder has a distinct one, otherwise the 0-based position in sorted name order.
-- `nifti`: `.nii`/`.nii.gz` cases, one 4D file (modalities last) or 3D file per case, or nnU-Net
-  per-modality files `CASE_0000`, `CASE_0001`, `CASE_0002` (pre-contrast, FLAIR, post-contrast; a
+  every image of the folder has a distinct one, otherwise the 0-based position in natural name order
+  (digit runs compared as numbers: `case_2` before `case_10`).
+- `nifti`: `.nii`/`.nii.gz` cases (suffix in any case), one 4D file (modalities last) or 3D file per
+  case, or nnU-Net per-modality files `CASE_0000`, `CASE_0001`, `CASE_0002` (pre-contrast, FLAIR,
+  post-contrast; files of one folder ending in `_<4 digits>` are one case's modalities when their
+  numbers include 0000 or are all at most 0002, otherwise each is a case of its own, so that
+  `TCGA_CS_4942.nii.gz` is a case; a
   missing pre- or post-contrast file is replaced by FLAIR, as `kaggle_3m` does; a case without its
   FLAIR file is rejected; a per-modality file or mask may carry a trailing axis of size 1); mask
   `CASE_mask` or `CASE_seg`. volume_id is CASE, slice_index the 0-based index along the last spatial
@@ -20,7 +24,8 @@ Layouts:
 Every file is read once. A bad file is logged on one line naming it and the reason, listed in the
 rejects table, and its slice (or, for a volume file, its case) is left out; the rest still flows.
 Sidecar files (.csv, .json, .txt, .md, .yaml, .parquet) and hidden files are skipped; any other file
-is rejected as unsupported. Images without a mask are kept as unlabeled slices.
+is rejected as unsupported. Images without a mask are kept as unlabeled slices; a mask whose image is
+rejected is rejected with it, naming the image.
 
 Splits are by volume (`assign_splits`), saved in the manifest's `split` column and, with the settings
 that made them, in the Parquet file's metadata, so a manifest is reused, never re-split differently.
@@ -115,7 +120,12 @@ def _slice_numbers(folder: Path, images: dict[str, Path], kaggle: bool, rejects:
     trailing = {stem: TRAILING_NUMBER.search(stem) for stem in images}
     if all(trailing.values()) and len({int(m.group(1)) for m in trailing.values()}) == len(images):
         return {stem: int(match.group(1)) for stem, match in trailing.items()}
-    return {stem: position for position, stem in enumerate(sorted(images))}
+    return {stem: position for position, stem in enumerate(sorted(images, key=natural_key))}
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key comparing digit runs as numbers: `case_2` before `case_10`."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
 
 
 def _discover_folder(folder: Path, files: list[Path], data_dir: Path, rejects: _Rejects) -> list[dict]:
@@ -142,6 +152,9 @@ def _discover_folder(folder: Path, files: list[Path], data_dir: Path, rejects: _
         volume_id = data_dir.name if relative == "." else relative
         institution, source_format = None, "image"
     numbers = _slice_numbers(folder, images, kaggle, rejects)
+    for stem, mask_path in masks.items():
+        if stem in images and stem not in numbers:
+            rejects.add(mask_path, f"its image {images[stem].name} was rejected")
 
     slices, pixels = [], []
     for stem in sorted(numbers, key=numbers.get):
@@ -186,7 +199,8 @@ def _case_channels(case: str, whole: Path | None, modalities: dict[int, Path]) -
     unexpected = sorted(set(modalities) - {0, 1, 2})
     if unexpected:
         raise DataError(modalities[unexpected[0]], f"modality _{unexpected[0]:04d} unexpected "
-                                                   "(expected _0000, _0001, _0002)")
+                                                   "(expected _0000, _0001, _0002; separate cases need "
+                                                   "names that do not end in _0000, _0001, ...)")
     if 1 not in modalities:
         raise DataError(next(iter(modalities.values())), f"case {case} has no FLAIR file (_0001)")
     return [modalities.get(0, modalities[1]), modalities[1], modalities.get(2, modalities[1])]
@@ -241,11 +255,31 @@ def _discover_case(case: str, paths: list[Path], mask_path: Path | None, rejects
     return _volume_rows(case, "nifti", None, slices, volume)
 
 
+def nifti_cases(stems) -> dict[str, tuple[str, int | None]]:
+    """stem -> (case, modality number, or None for a whole-case file) for the image files of one folder.
+
+    Stems ending in `_<4 digits>` with one prefix are that case's nnU-Net modality files when their
+    numbers include 0 or are all at most 2; otherwise each such file is a whole case of its own
+    (`TCGA_CS_4942`, or `patient_0001` ... `patient_0005`).
+    """
+    groups: dict[str, dict[str, int]] = {}
+    for stem in stems:
+        match = MODALITY.match(stem)
+        if match:
+            groups.setdefault(match.group(1), {})[stem] = int(match.group(2))
+    cases = {stem: (stem, None) for stem in stems}
+    for case, numbers in groups.items():
+        if 0 in numbers.values() or max(numbers.values()) <= 2:
+            cases.update({stem: (case, number) for stem, number in numbers.items()})
+    return cases
+
+
 def _discover_nifti(files: list[Path], rejects: _Rejects) -> list[tuple[str, list[dict]]]:
     """(origin, rows) per NIfTI case; origin is the case's folder and name, for duplicate checks."""
     wholes: dict[tuple, Path] = {}
     modalities: dict[tuple, dict[int, Path]] = {}
     masks: dict[tuple, Path] = {}
+    images: dict[Path, dict[str, Path]] = {}  # folder -> stem -> image file
     for path in files:
         stem = nifti_stem(path)
         for suffix in ("_mask", "_seg"):
@@ -257,11 +291,17 @@ def _discover_nifti(files: list[Path], rejects: _Rejects) -> list[tuple[str, lis
                     masks[key] = path
                 break
         else:
-            match = MODALITY.match(stem)
-            if match:
-                modalities.setdefault((path.parent, match.group(1)), {})[int(match.group(2))] = path
+            folder = images.setdefault(path.parent, {})
+            if stem in folder:
+                rejects.add(path, f"duplicate case name (also {folder[stem].name})")
             else:
-                wholes[(path.parent, stem)] = path
+                folder[stem] = path
+    for folder, stems in images.items():
+        for stem, (case, number) in nifti_cases(stems).items():
+            if number is None:
+                wholes[(folder, case)] = stems[stem]
+            else:
+                modalities.setdefault((folder, case), {})[number] = stems[stem]
     cases = []
     for key in sorted(set(wholes) | set(modalities)):
         try:

@@ -44,9 +44,10 @@ def is_missing(value) -> bool:
 
 
 def nifti_stem(path: str | Path) -> str:
+    """The file name without `.nii.gz` or `.nii`, in any case (as `_is_nifti` in discover matches)."""
     name = Path(path).name
     for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
+        if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(path).stem
 
