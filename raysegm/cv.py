@@ -148,6 +148,8 @@ def summary_markdown(summary: dict) -> str:
         f"| per-patient Dice, median | {dice['median']:.4f} |",
         f"| per-patient IoU, mean | {summary['per_patient']['iou']['mean']:.4f} |",
         f"| per-patient HD95 (pixels), median | {summary['per_patient']['hd95']['median']:.2f} |",
+        *([f"| per-patient HD95 (mm, from the NIfTI headers), median | "
+           f"{summary['per_patient']['hd95_mm']['median']:.2f} |"] if "hd95_mm" in summary["per_patient"] else []),
         f"| pooled Dice (every pixel of every patient) | {summary['pooled']['dice']:.4f} |",
         f"| per-slice mean Dice (empty slices predicted empty score 1) | {summary['per_slice_mean_dice']:.4f} |",
         "",

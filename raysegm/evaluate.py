@@ -3,8 +3,9 @@
 Each slice is read (with its neighbours for a 2.5D checkpoint, raysegm.data.context) and preprocessed
 exactly as the checkpoint's own config.json says (raysegm.data.preprocess), predicted at the model's
 size, and its probabilities are resized back to the slice's own resolution before thresholding, so
-every metric, HD95 included, is measured against the original mask in the input's own pixels. Plain
-torch in one process: a split is small.
+every metric, HD95 included, is measured against the original mask in the input's own pixels; where
+every scored volume is NIfTI, HD95 is also given in mm from the headers' voxel sizes (`hd95_mm`).
+Plain torch in one process: a split is small.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     """
     from raysegm.checkpoint import input_settings_differ, load_model, model_id
     from raysegm.data.context import read_input, with_context
-    from raysegm.data.io import is_missing, read_mask
+    from raysegm.data.io import PATH_SEPARATOR, is_missing, nifti_spacing, read_mask
     from raysegm.data.preprocess import preprocess_image
     from raysegm.infer import POSTPROCESS, postprocess_slices, probabilities
     from raysegm.metrics import SegmentationMeter
@@ -99,6 +100,8 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     meter = SegmentationMeter(keep_masks=True)
     for volume_id, volume in labeled.groupby("volume_id", sort=True):
         records = volume.sort_values("slice_index").to_dict("records")
+        if records[0]["source_format"] == "nifti":
+            meter.set_spacing(volume_id, nifti_spacing(records[0]["image_path"].split(PATH_SEPARATOR)[0]))
         predicted, truths = [], []
         for start in range(0, len(records), BATCH_SLICES):
             batch = records[start:start + BATCH_SLICES]

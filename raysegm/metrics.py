@@ -155,7 +155,9 @@ class SegmentationMeter:
     slice_index. A slice seen twice is an error. `state()` is plain numpy/python (picklable for a Ray
     gather); `from_states` / `merge` combine meters so that batches and data-parallel workers add up
     to the same numbers as one meter fed everything. With `keep_masks=True` the binary masks are kept
-    (bit-packed) so HD95 is computed per patient on the stacked volume.
+    (bit-packed) so HD95 is computed per patient on the stacked volume. `set_spacing` records a volume's
+    voxel size (slice, row, column), e.g. from a NIfTI header; when every volume has one, the
+    per-patient table adds `hd95_mm`.
     """
 
     def __init__(self, keep_masks: bool = False, threshold: float = 0.5):
@@ -163,6 +165,14 @@ class SegmentationMeter:
         self.threshold = threshold
         self._counts: dict[tuple[str, int], np.ndarray] = {}
         self._masks: dict[tuple[str, int], tuple[tuple[int, int], np.ndarray, np.ndarray]] = {}
+        self.spacing: dict[str, tuple[float, float, float]] = {}
+
+    def set_spacing(self, volume_id: str, spacing) -> None:
+        """Record a volume's voxel size (slice, row, column); a different one for the same volume is an error."""
+        values = _spacing_of(spacing, str(volume_id))
+        if self.spacing.setdefault(str(volume_id), values) != values:
+            raise ValueError(f"SegmentationMeter: volume {volume_id!r} has spacings {self.spacing[str(volume_id)]} "
+                             f"and {values}")
 
     def _add(self, key: tuple[str, int], counts: np.ndarray, masks=None) -> None:
         if key in self._counts:
@@ -208,6 +218,7 @@ class SegmentationMeter:
             "slice_indices": [key[1] for key in keys],
             "counts": np.array([self._counts[key] for key in keys], dtype=np.int64).reshape(-1, 4),
             "masks": [self._masks[key] for key in keys] if self.keep_masks else None,
+            "spacing": dict(self.spacing),
         }
 
     def merge(self, states: Iterable[dict]) -> SegmentationMeter:
@@ -220,6 +231,8 @@ class SegmentationMeter:
                 state["volume_ids"], state["slice_indices"], state["counts"], masks
             ):
                 self._add((str(volume_id), int(slice_index)), counts, mask)
+            for volume_id, spacing in state.get("spacing", {}).items():
+                self.set_spacing(volume_id, spacing)
         return self
 
     @classmethod
@@ -254,11 +267,14 @@ class SegmentationMeter:
 
         hd95 is in voxels of the input's resolution (slices stacked in slice_index order, one voxel
         apart) and NaN unless the meter keeps masks. With `spacing` (slice, row, column), one tuple
-        for all volumes or a mapping volume_id -> tuple, an `hd95_mm` column is added.
+        for all volumes or a mapping volume_id -> tuple, or else with the meter's own `spacing` where it
+        covers every volume, an `hd95_mm` column is added.
         """
         volumes: dict[str, list[tuple[str, int]]] = {}
         for key in sorted(self._counts):
             volumes.setdefault(key[0], []).append(key)
+        if spacing is None and self.spacing and set(volumes) <= set(self.spacing):
+            spacing = self.spacing
         rows = []
         for volume_id, slice_keys in volumes.items():
             counts = np.sum([self._counts[key] for key in slice_keys], axis=0)

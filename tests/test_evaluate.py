@@ -282,3 +282,35 @@ def test_the_cli_scores_an_ensemble_given_by_repeated_checkpoints(all_test_manif
     written = json.loads((tmp_path / "scores" / "summary.json").read_text())
     assert written["checkpoint"] == [str(centred), str(constant)]
     assert written["per_patient"] == json.loads(json.dumps(expected["per_patient"]))
+
+
+def test_nifti_cases_get_hd95_in_mm_from_their_headers(tmp_path):
+    import nibabel as nib
+
+    from raysegm.metrics import hd95
+
+    root = tmp_path / "nifti"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    truths = {}
+    for case, zooms in (("a", (2.0, 0.5, 3.0)), ("b", (1.0, 1.0, 1.0))):
+        image = nib.Nifti1Image(rng.integers(0, 1000, size=(12, 10, 6)).astype(np.int16), np.eye(4))
+        image.header.set_zooms(zooms)
+        nib.save(image, root / f"{case}.nii.gz")
+        mask = np.zeros((12, 10, 6), np.uint8)
+        mask[3:7, 2:5, 1:4] = 1
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), root / f"{case}_mask.nii.gz")
+        truths[case] = (np.moveaxis(mask, 2, 0).astype(bool), (zooms[2], zooms[0], zooms[1]))
+    prepare(root, tmp_path / "prepared.parquet")
+    table = pq.read_table(tmp_path / "prepared.parquet")
+    table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(["test"] * len(table)))
+    pq.write_table(table, tmp_path / "all-test.parquet")
+    checkpoint = make_checkpoint(tmp_path / "everywhere", tmp_path / "all-test.parquet", head_bias=10.0)
+    summary = evaluate_checkpoint(checkpoint, split="test", out=tmp_path / "scores")
+    scores = pd.read_csv(tmp_path / "scores" / "per_patient.csv").set_index("volume_id")
+    for case, (truth, spacing) in truths.items():
+        everywhere = np.ones_like(truth)  # (slice, row, column) = (Z, X, Y)
+        assert scores.loc[case, "hd95"] == pytest.approx(hd95(everywhere, truth))
+        assert scores.loc[case, "hd95_mm"] == pytest.approx(hd95(everywhere, truth, spacing))
+    assert scores.loc["a", "hd95_mm"] != pytest.approx(hd95(np.ones_like(truths["a"][0]), truths["a"][0], (2.0, 0.5, 3.0)))
+    assert summary["per_patient"]["hd95_mm"]["mean"] == pytest.approx(scores["hd95_mm"].mean())

@@ -169,6 +169,16 @@ def read_nifti_volume(path: str | Path) -> np.ndarray:
     return volume
 
 
+def nifti_spacing(path: str | Path) -> tuple[float, float, float]:
+    """(slice, row, column) voxel size from the header (mm in practice): the last spatial axis, then the
+    first two, matching a case's slices stacked along the last axis."""
+    path = Path(path)
+    zooms = _load_nifti(path).header.get_zooms()
+    if len(zooms) < 3 or min(zooms[:3]) <= 0:
+        raise DataError(path, f"no voxel size in the header (zooms {tuple(zooms)})")
+    return float(zooms[2]), float(zooms[0]), float(zooms[1])
+
+
 def _nifti_slice(path: Path, slice_index: int) -> np.ndarray:
     """(H, W), or (H, W, M) for a 4D file of M > 1 modalities: an (X, Y, Z, 1) file reads as 3D, as
     discovery reads it."""
