@@ -20,7 +20,7 @@ from raysegm.infer import infer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--input", required=True, help="archive: local path or URI (kaggle_3m, images, NIfTI)")
     parser.add_argument("--output", required=True, help="Parquet folder: local path or URI")

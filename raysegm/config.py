@@ -23,7 +23,7 @@ class DataSettings:
     manifest: str = ""  # prepared manifest (Parquet); built from data_dir when empty
     synthetic_patients: int = 12  # used when neither data_dir nor manifest is given: synthetic data
     synthetic_slices: int = 16  # slices per synthetic patient
-    size: int = 256  # square side the slices are resized to (paper 4.1: 256x256)
+    size: int = 256  # square side the slices are resized to (paper 4.3: 256x256; 4.1 says 250x250)
     in_channels: int = 3  # per slice: pre-contrast, FLAIR, post-contrast
     context_slices: int = 0  # 2.5D: k neighbouring slices on each side as extra channels (raysegm.data.context)
     normalize: str = "scale"  # "scale": uint8/255, volumes min-max; "volume_zscore": per-volume clip + z-score;

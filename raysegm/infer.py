@@ -42,10 +42,10 @@ fingerprint are kept as they are. Two jobs must not write into one output at the
 
 Rows follow the contract's "Inference output" schema (`SCHEMA`). Error rows carry status "error", the
 reason naming the file, a null `mask_png` and `max_prob`, 0 tumor pixels, and the slice's size where
-discovery knew it (else 0). A discovery reject maps to `(volume_id, slice_index)` from its file name
-(`reject_key`): `<volume>_<k>[_mask].tif` gives k (a bad mask takes its slice out of discovery, so the
-slice gets an error row), a NIfTI file gives its case and slice -1 (the whole case is out), a name
-without a number gives -1.
+discovery knew it (else 0). A discovery reject carries the `(volume_id, slice_index)` discovery gave
+it (raysegm.data.discover): a bad image, or a bad mask that takes its slice out, gives that slice an
+error row; a NIfTI file gives its case and slice -1 (the whole case is out); a file with no usable
+slice number gives -1.
 
 An input whose channel count differs from the checkpoint's `in_channels` stops the whole job before any
 work (a ValueError): it is a mismatch between the archive and the model, not a fault of one file, and
@@ -510,49 +510,19 @@ def _source(path: str, root: Path, prefix: str) -> str:
     return PATH_SEPARATOR.join(parts)
 
 
-def reject_key(path: str, root: Path) -> tuple[str, int]:
-    """(volume_id, slice_index) of a rejected file, named as discovery names slices; -1 where unknown.
-
-    2D files: the folder's name when it is a kaggle_3m patient folder, else its path relative to the
-    root (the root's own name at the top), and the trailing number of the name without `_mask`.
-    NIfTI files: the case (the name without `_mask`, `_seg`, and without `_0000` where the folder's
-    files make it a modality, as `discover.nifti_cases` decides) and -1, since a bad file takes the
-    whole case out.
-    """
-    from raysegm.data.discover import KAGGLE_FOLDER, TRAILING_NUMBER, nifti_cases
-    from raysegm.data.io import NIFTI_SUFFIXES, nifti_stem
-
-    file = Path(os.path.abspath(path))  # not resolve(): a link is named by where it is, not where it points
-    if file.name.lower().endswith(NIFTI_SUFFIXES):
-        stem = re.sub(r"_(mask|seg)$", "", nifti_stem(file))
-        try:
-            siblings = {nifti_stem(f) for f in os.listdir(file.parent) if f.lower().endswith(NIFTI_SUFFIXES)}
-        except OSError:
-            siblings = set()
-        return nifti_cases(siblings | {stem})[stem][0], -1
-    relative = file.parent.relative_to(root).as_posix() if file.parent.is_relative_to(root) else file.parent.name
-    if KAGGLE_FOLDER.match(file.parent.name):
-        volume_id = file.parent.name
-    else:
-        volume_id = root.name if relative == "." else relative
-    number = TRAILING_NUMBER.search(re.sub(r"_mask$", "", file.stem))
-    return volume_id, int(number.group(1)) if number else -1
-
-
 def volume_fingerprints(slices: pd.DataFrame, rejects: pd.DataFrame, root: Path) -> dict[str, str]:
     """{volume_id: sha1 over its input files' names (relative to the input) and bytes}.
 
     A volume's files are the images discovery found for it (every modality file of a NIfTI case) and the
-    files it rejected that `reject_key` assigns to it; masks are left out, since inference never reads
-    them. Discovery has just read every file, so hashing them again mostly reads the page cache.
+    files it rejected as that volume's; masks are left out, since inference never reads them. Discovery has just read every file, so hashing them again mostly reads the page cache.
     """
     from raysegm.data.io import PATH_SEPARATOR
 
     files: dict[str, set[str]] = defaultdict(set)
     for volume_id, paths in zip(slices["volume_id"], slices["image_path"]):
         files[volume_id].update(str(paths).split(PATH_SEPARATOR))
-    for paths in rejects["path"]:  # a NIfTI case's modality files come joined
-        files[reject_key(str(paths), root)[0]].update(str(paths).split(PATH_SEPARATOR))
+    for volume_id, paths in zip(rejects["volume_id"], rejects["path"]):  # a NIfTI case's files come joined
+        files[volume_id].update(str(paths).split(PATH_SEPARATOR))
     root = root.resolve()
     fingerprints = {}
     for volume_id, paths in files.items():
@@ -578,8 +548,8 @@ def _error_rows(rejects: pd.DataFrame, slices: pd.DataFrame, root: Path, prefix:
     is printed, not turned into a second row for that slice (inference does not need the mask)."""
     known = set(zip(slices["volume_id"], slices["slice_index"].astype(int)))
     rows: dict[tuple[str, int, str], tuple[str, str]] = {}
-    for path, reason in zip(rejects["path"], rejects["reason"]):
-        volume_id, slice_index = reject_key(str(path), root)
+    for path, reason, volume_id, slice_index in zip(rejects["path"], rejects["reason"], rejects["volume_id"],
+                                                    rejects["slice_index"].astype(int)):
         if (volume_id, slice_index) in known:
             if re.search(r"_(mask|seg)$", Path(path).stem):
                 print(f"infer: note: {path}: {reason} (the slice itself is still segmented)", file=sys.stderr)

@@ -56,14 +56,6 @@ MAIN_AXES = ("model.variant", "train.batch_size", "train.loss")
 # Below this many test patients a percentile bootstrap has too few distinct resamples to bound a mean
 # difference, so a pair gets no verdict.
 MIN_PATIENTS_FOR_VERDICT = 5
-# What each registry variant adds to the classic U-Net: a paired difference isolates the components
-# one variant has and another lacks.
-COMPONENTS = {
-    "unet": frozenset(),
-    "unet_attention": frozenset({"attention"}),
-    "unet_resnet50": frozenset({"ResNet encoder"}),
-    "unet_resnet50_attention": frozenset({"ResNet encoder", "attention"}),
-}
 # Keys that may change when a study is resumed: where and how it runs, not what it measures. The data
 # ones of RUN_ONLY (read workers, their cache) are applied to the resumed study; data.manifest may be
 # left out or differ, and the study keeps the one it resolved at its start. Tune's own (trials at once,
@@ -526,7 +518,9 @@ def write_results(study_dir: str | Path) -> pd.DataFrame:
 
 
 def _encoder_label(config: ExperimentConfig) -> str:
-    if config.model.variant in ("unet", "unet_attention"):
+    from raysegm.models import components
+
+    if "ResNet encoder" not in components(config.model.variant):
         return f"conv, width {config.model.unet_width}"
     return config.model.encoder
 
@@ -574,12 +568,13 @@ def paired_differences(results: pd.DataFrame, per_patient: pd.DataFrame, extra_k
     """Per-patient test Dice of each trial minus that of the trial lacking some of its components.
 
     Pairs share batch size, loss and every extra axis, and differ in variant, where the reference's
-    components (COMPONENTS: ResNet encoder, attention) are a strict subset of the trial's: e.g.
+    components (raysegm.models.components: ResNet encoder, attention) are a strict subset of the trial's: e.g.
     unet_attention - unet isolates attention, unet_resnet50_attention - unet_resnet50 isolates attention
     on the ResNet U-Net. Mean difference over the same test patients with a paired bootstrap 95% CI
     (raysegm.metrics.paired_bootstrap_diff).
     """
     from raysegm.metrics import paired_bootstrap_diff
+    from raysegm.models import components
 
     columns = ["effect", "trial_id", "variant", "reference_trial", "reference_variant", "batch_size", "loss",
                *extra_keys, "patients", "dice_diff_mean", "dice_diff_ci_low", "dice_diff_ci_high", "verdict"]
@@ -587,10 +582,10 @@ def paired_differences(results: pd.DataFrame, per_patient: pd.DataFrame, extra_k
     shared = ["batch_size", "loss", *extra_keys]
     rows = []
     for _, trial in scored.iterrows():
-        mine = COMPONENTS.get(trial["variant"], frozenset())
+        mine = components(trial["variant"])
         for _, reference in scored.iterrows():
-            theirs = COMPONENTS.get(reference["variant"])
-            if theirs is None or not theirs < mine or any(trial[k] != reference[k] for k in shared):
+            theirs = components(reference["variant"])
+            if not theirs < mine or any(trial[k] != reference[k] for k in shared):
                 continue
             a = _patient_dice(per_patient, trial["trial_id"])
             b = _patient_dice(per_patient, reference["trial_id"])

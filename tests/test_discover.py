@@ -128,9 +128,8 @@ def _plant_faults(root):
     faults[volume / f"{v}_99.tif"] = "unreadable tif"
 
     shutil.copy(volume / f"{v}_8.tif", volume / f"{v}_08.tif")
-    faults[volume / f"{v}_08.tif"] = f"slice number 8 is also {v}_8.tif"
     shutil.copy(volume / f"{v}_8_mask.tif", volume / f"{v}_08_mask.tif")
-    faults[volume / f"{v}_08_mask.tif"] = f"its image {v}_08.tif was rejected"
+    faults[volume / f"{v}_08.tif"] = f"slice number 8 is also {v}_8.tif; its mask {v}_08_mask.tif is left out with it"
 
     (volume / "notes.bin").write_bytes(b"\x00\x01garbage")
     faults[volume / "notes.bin"] = "unsupported file type"
@@ -156,6 +155,13 @@ def test_planted_faults_are_named_and_good_slices_kept(faulty_dir, caplog):
         reason = rejects.loc[rejects["path"] == str(path.resolve()), "reason"].item()
         assert fragment in reason, (path.name, reason)
         assert any(str(path.resolve()) in line and fragment in line for line in caplog.messages)
+    # each reject names its volume and the slice it took out (-1: a file with no slice of its own)
+    volume = next(iter(faults)).parent.name
+    numbers = {Path(p).name: k for p, k in zip(rejects["path"], rejects["slice_index"])}
+    assert (rejects["volume_id"] == volume).all()
+    assert numbers == {**{f"{volume}_{k}.tif": k for k in (1, 2, 3, 4, 99)},
+                       **{f"{volume}_{k}_mask.tif": k for k in (5, 6, 7)},
+                       f"{volume}_08.tif": -1, "notes.bin": -1}
     # 2 volumes x 12 slices; slices 1-7 of the first are lost, slice 99 never existed as a good one
     assert len(slices) == 24 - 7
     first, second = sorted(slices["volume_id"].unique())
@@ -476,9 +482,7 @@ def test_nifti_names_ending_in_four_digits_are_cases_unless_they_number_modaliti
     assert "modality _0003 unexpected" in reasons["brats_0000.nii.gz"]
     assert "separate cases need names" in reasons["brats_0000.nii.gz"]
     assert reasons["twice.nii.gz"] == "duplicate case name (also twice.nii)"
-    # inference names rejected files' volumes by the same rule
-    from raysegm.infer import reject_key
-
-    assert reject_key(str(root / "TCGA_CS_4942_mask.nii.gz"), root) == ("TCGA_CS_4942", -1)
-    assert reject_key(str(root / "brats_0003.nii.gz"), root) == ("brats", -1)
-    assert reject_key(str(root / "subject_0002.nii.gz"), root) == ("subject_0002", -1)
+    # each reject names the case it belongs to, for inference's error rows
+    cases = dict(zip(rejects["path"].map(lambda p: p.rsplit("/", 1)[1]), rejects["volume_id"]))
+    assert cases == {**{f"brats_{m:04d}.nii.gz": "brats" for m in range(4)}, "twice.nii.gz": "twice"}
+    assert (rejects["slice_index"] == -1).all()

@@ -31,6 +31,7 @@ from raysegm.infer import (
     TEMP_PREFIX,
     OutputFolder,
     SegmentationPredictor,
+    _error_rows,
     _finish_volume,
     decode_mask_png,
     encode_mask_png,
@@ -41,7 +42,6 @@ from raysegm.infer import (
     postprocess_slices,
     postprocess_volume,
     read_slices,
-    reject_key,
     volume_fingerprints,
 )
 from raysegm.losses import make_loss
@@ -293,18 +293,55 @@ def test_part_names_are_unique_and_parquet_visible():
     assert all(n.startswith("part-") and n.endswith(".parquet") and "/" not in n for n in names)
 
 
-@pytest.mark.parametrize(("relative", "expected"), [
-    ("TCGA_CS_4942_19970222/TCGA_CS_4942_19970222_7.tif", ("TCGA_CS_4942_19970222", 7)),
-    ("TCGA_CS_4942_19970222/TCGA_CS_4942_19970222_12_mask.tif", ("TCGA_CS_4942_19970222", 12)),
-    ("scans/patient3/img_004.png", ("scans/patient3", 4)),
-    ("img_9.png", ("archive", 9)),
-    ("patient3/notes.bin", ("patient3", -1)),
-    ("CASE_002_0001.nii.gz", ("CASE_002", -1)),
-    ("CASE_002_seg.nii", ("CASE_002", -1)),
-])
-def test_reject_key_names_the_slice_as_discovery_does(tmp_path, relative, expected):
+def test_rejects_become_error_rows_on_the_slice_discovery_numbered(tmp_path):
+    import nibabel as nib
+    import tifffile
+    from PIL import Image
+
+    from raysegm.data.discover import discover
+
     root = tmp_path / "archive"
-    assert reject_key(str(root / relative), root) == expected
+    image, small = np.full((16, 16), 90, np.uint8), np.zeros((8, 8), np.uint8)
+    kaggle = root / "TCGA_CS_4942_19970222"
+    kaggle.mkdir(parents=True)
+    for k in (1, 2, 3):
+        tifffile.imwrite(kaggle / f"{kaggle.name}_{k}.tif", np.stack([image] * 3, -1), photometric="rgb")
+        tifffile.imwrite(kaggle / f"{kaggle.name}_{k}_mask.tif", np.zeros((16, 16), np.uint8))
+    (kaggle / f"{kaggle.name}_2.tif").write_bytes(b"not a tif")
+    tifffile.imwrite(kaggle / f"{kaggle.name}_3_mask.tif", small)  # a bad mask takes slice 3 out
+    scans = root / "scans" / "patient3"  # numbered by position: localizer.png has no number
+    scans.mkdir(parents=True)
+    for name in ("IM_0001", "IM_0002", "IM_0003", "localizer"):
+        Image.fromarray(image).save(scans / f"{name}.png")
+    Image.fromarray(small).save(scans / "IM_0002_mask.png")  # slice 1 (by position), not 2
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(scans / "IM_0003_mask.png")
+    Image.fromarray(small).save(scans / "IM_0003_mask.tif")  # a second mask: slice 2 keeps its first
+    (scans / "notes.bin").write_bytes(b"\x00")
+    site = root / "site" / "AB_cd_ef"  # named like a kaggle_3m folder, but its files are not
+    site.mkdir(parents=True)
+    Image.fromarray(image).save(site / "img_1.png")
+    (site / "img_2.png").write_bytes(b"not a png")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.int16), np.eye(4)), root / "CASE_002_0001.nii.gz")
+    (root / "CASE_002_seg.nii").write_bytes(b"not nifti")
+
+    slices, rejects = discover(root)
+    errors = _error_rows(rejects, slices, root.resolve(), "archive", "m")
+    found = {(v, int(k)): source for v, k, source in zip(errors["volume_id"], errors["slice_index"], errors["source"])}
+    assert found == {
+        (kaggle.name, 2): f"archive/{kaggle.name}/{kaggle.name}_2.tif",
+        (kaggle.name, 3): f"archive/{kaggle.name}/{kaggle.name}_3_mask.tif",
+        ("scans/patient3", 1): "archive/scans/patient3/IM_0002_mask.png",
+        ("scans/patient3", -1): "archive/scans/patient3/notes.bin",
+        ("site/AB_cd_ef", 2): "archive/site/AB_cd_ef/img_2.png",
+        ("CASE_002", -1): "archive/CASE_002_0001.nii.gz",
+    }
+    # every slice discovery left out has its row, and no row doubles a slice that is segmented
+    kept = set(zip(slices["volume_id"], slices["slice_index"].astype(int)))
+    assert not kept & {key for key in found if key[1] >= 0}
+    assert set(slices.loc[slices["volume_id"] == "scans/patient3", "slice_index"]) == {0, 2, 3}
+    assert "IM_0003_mask.tif" in rejects["path"].str.rsplit("/", n=1).str[1].tolist()
+    case = errors.set_index("volume_id").loc["CASE_002", "error"]
+    assert "CASE_002_seg.nii" in case and "CASE_002_0001.nii.gz" in case  # one row for the case, both named
 
 
 def _batch(images, sizes, status=None):

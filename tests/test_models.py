@@ -14,7 +14,15 @@ from safetensors.torch import save_file
 from raysegm.config import ModelSettings
 from raysegm.losses import make_loss
 from raysegm.metrics import SegmentationMeter
-from raysegm.models import REGISTRY, count_parameters, create_model, model_name
+from raysegm.models import (
+    REGISTRY,
+    DualAttention,
+    ResNetUNet,
+    components,
+    count_parameters,
+    create_model,
+    model_name,
+)
 
 SMALL = ModelSettings(encoder="resnet18", unet_width=8)
 
@@ -82,6 +90,15 @@ def test_model_name_records_a_swapped_encoder():
     assert model_name(ModelSettings(variant="unet", encoder="resnet18")) == "unet"
     with pytest.raises(ValueError, match="unet_resnet50_attention"):
         model_name(ModelSettings(variant="deeplab"))
+
+
+@pytest.mark.parametrize("variant", list(REGISTRY))
+def test_components_say_what_each_built_variant_has(variant):
+    model = create_model(dataclasses.replace(SMALL, variant=variant))
+    has = components(variant)
+    assert ("ResNet encoder" in has) == isinstance(model, ResNetUNet)
+    assert ("attention" in has) == any(isinstance(m, DualAttention) for m in model.modules())
+    assert components("unet_resnet50_attention") == {"ResNet encoder", "attention"} and components("unet") == set()
 
 
 @pytest.mark.parametrize(

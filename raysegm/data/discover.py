@@ -24,8 +24,8 @@ Layouts:
 Every file is read once. A bad file is logged on one line naming it and the reason, listed in the
 rejects table, and its slice (or, for a volume file, its case) is left out; the rest still flows.
 Sidecar files (.csv, .json, .txt, .md, .yaml, .parquet) and hidden files are skipped; any other file
-is rejected as unsupported. Images without a mask are kept as unlabeled slices; a mask whose image is
-rejected is rejected with it, naming the image.
+is rejected as unsupported. Images without a mask are kept as unlabeled slices; the reason given for
+a rejected image names its mask, left out with it.
 
 Splits are by volume (`assign_splits`), saved in the manifest's `split` column and, with the settings
 that made them, in the Parquet file's metadata, so a manifest is reused, never re-split differently.
@@ -75,17 +75,21 @@ SPLIT_KEYS = ("split_seed", "val_fraction", "test_fraction", "folds", "fold")
 
 
 class _Rejects:
-    """Collects (path, reason) rows and logs each on one line as it is found."""
+    """Collects rejected files and logs each on one line as it is found. Each row names the volume the
+    file belongs to and its slice_index (-1 where the file has none: a whole NIfTI case, a name without
+    a usable number), so that inference reports it where discovery would have put it."""
 
     def __init__(self):
         self.rows: list[dict] = []
 
-    def add(self, path, reason: str) -> None:
+    def add(self, path, reason: str, volume_id: str, slice_index: int = -1) -> None:
         log.warning("rejected %s: %s", path, reason)
-        self.rows.append({"path": str(path), "reason": reason})
+        self.rows.append({"path": str(path), "reason": reason, "volume_id": volume_id,
+                          "slice_index": int(slice_index)})
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=["path", "reason"]).sort_values("path", ignore_index=True)
+        frame = pd.DataFrame(self.rows, columns=["path", "reason", "volume_id", "slice_index"])
+        return frame.astype({"slice_index": np.int32}).sort_values("path", ignore_index=True)
 
 
 def _volume_rows(volume_id, source_format, institution, slices, pixels) -> list[dict]:
@@ -101,26 +105,29 @@ def _volume_rows(volume_id, source_format, institution, slices, pixels) -> list[
 # 2D slice folders (kaggle_3m and image)
 
 
-def _slice_numbers(folder: Path, images: dict[str, Path], kaggle: bool, rejects: _Rejects) -> dict:
-    """stem -> slice_index for the images of one folder (see the module docstring)."""
+def _slice_numbers(folder: Path, images: dict[str, Path], masks: dict[str, Path], volume_id: str,
+                   kaggle: bool, rejects: _Rejects) -> tuple[dict, bool]:
+    """(stem -> slice_index for the images of one folder, whether the numbers come from the names);
+    see the module docstring. A rejected image's mask is named in its reason."""
     if kaggle:
         pattern = re.compile(rf"^{re.escape(folder.name)}_(\d+)$")
         numbers, taken = {}, {}  # stem -> k, k -> the file that has it
         for stem, path in sorted(images.items(), key=lambda item: (len(item[0]), item[0])):
             match = pattern.match(stem)
-            if not (match and path.suffix.lower() in (".tif", ".tiff")):
-                rejects.add(path, f"name does not follow the kaggle_3m pattern {folder.name}_<k>.tif")
+            reason = (None if match and path.suffix.lower() in (".tif", ".tiff") else
+                      f"name does not follow the kaggle_3m pattern {folder.name}_<k>.tif")
+            if reason is None and int(match.group(1)) in taken:  # _1 and _01
+                reason = f"slice number {int(match.group(1))} is also {taken[int(match.group(1))].name}"
+            if reason is not None:
+                mask = masks.get(stem)
+                rejects.add(path, reason + (f"; its mask {mask.name} is left out with it" if mask else ""), volume_id)
                 continue
-            number = int(match.group(1))
-            if number in taken:  # _1 and _01
-                rejects.add(path, f"slice number {number} is also {taken[number].name}")
-                continue
-            numbers[stem], taken[number] = number, path
-        return numbers
+            numbers[stem], taken[int(match.group(1))] = int(match.group(1)), path
+        return numbers, True
     trailing = {stem: TRAILING_NUMBER.search(stem) for stem in images}
     if all(trailing.values()) and len({int(m.group(1)) for m in trailing.values()}) == len(images):
-        return {stem: int(match.group(1)) for stem, match in trailing.items()}
-    return {stem: position for position, stem in enumerate(sorted(images, key=natural_key))}
+        return {stem: int(match.group(1)) for stem, match in trailing.items()}, True
+    return {stem: position for position, stem in enumerate(sorted(images, key=natural_key))}, False
 
 
 def natural_key(name: str) -> tuple:
@@ -128,33 +135,35 @@ def natural_key(name: str) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
 
 
+def _folder_volume(folder: Path, image_stems, data_dir: Path) -> tuple[str, str | None, str]:
+    """(volume_id, institution, source_format) of a folder of 2D slices (see the module docstring)."""
+    folder_match = KAGGLE_FOLDER.match(folder.name)
+    if folder_match and any(re.fullmatch(rf"{re.escape(folder.name)}_\d+", stem) for stem in image_stems):
+        return folder.name, folder_match.group(1), "kaggle_3m"
+    relative = folder.relative_to(data_dir).as_posix()
+    return (data_dir.name if relative == "." else relative), None, "image"
+
+
 def _discover_folder(folder: Path, files: list[Path], data_dir: Path, rejects: _Rejects) -> list[dict]:
     images: dict[str, Path] = {}
     masks: dict[str, Path] = {}
+    duplicates = []
     for path in files:
         stem = path.stem
         target, key = (masks, stem[: -len("_mask")]) if stem.endswith("_mask") else (images, stem)
         if key in target:
-            rejects.add(path, f"duplicate slice name (also {target[key].name})")
+            duplicates.append((path, key, f"duplicate slice name (also {target[key].name})"))
             continue
         target[key] = path
+    volume_id, institution, source_format = _folder_volume(folder, images, data_dir)
+    numbers, by_name = _slice_numbers(folder, images, masks, volume_id, source_format == "kaggle_3m", rejects)
+    for path, key, reason in duplicates:
+        rejects.add(path, reason, volume_id, numbers.get(key, -1))
     for key, mask_path in masks.items():
         if key not in images:
-            rejects.add(mask_path, f"mask without image (no {key}.tif/.png beside it)")
-
-    folder_match = KAGGLE_FOLDER.match(folder.name)
-    kaggle = bool(folder_match) and any(
-        re.fullmatch(rf"{re.escape(folder.name)}_\d+", stem) for stem in images)
-    if kaggle:
-        volume_id, institution, source_format = folder.name, folder_match.group(1), "kaggle_3m"
-    else:
-        relative = folder.relative_to(data_dir).as_posix()
-        volume_id = data_dir.name if relative == "." else relative
-        institution, source_format = None, "image"
-    numbers = _slice_numbers(folder, images, kaggle, rejects)
-    for stem, mask_path in masks.items():
-        if stem in images and stem not in numbers:
-            rejects.add(mask_path, f"its image {images[stem].name} was rejected")
+            number = TRAILING_NUMBER.search(key) if by_name else None
+            rejects.add(mask_path, f"mask without image (no {key}.tif/.png beside it)", volume_id,
+                        int(number.group(1)) if number else -1)
 
     slices, pixels = [], []
     for stem in sorted(numbers, key=numbers.get):
@@ -163,18 +172,20 @@ def _discover_folder(folder: Path, files: list[Path], data_dir: Path, rejects: _
             image = read_slice_file(image_path)
         except DataError as error:
             rejects.add(error.path, error.reason + (f"; slice left out with its mask {mask_path.name}"
-                                                    if mask_path else ""))
+                                                    if mask_path else ""), volume_id, numbers[stem])
             continue
         mask = None
         if mask_path is not None:
             try:
                 mask = read_mask_file(mask_path)
             except DataError as error:
-                rejects.add(error.path, f"{error.reason}; slice {image_path.name} left out")
+                rejects.add(error.path, f"{error.reason}; slice {image_path.name} left out", volume_id,
+                            numbers[stem])
                 continue
             if mask.shape != image.shape[:2]:
                 rejects.add(mask_path, f"mask size {mask.shape[0]}x{mask.shape[1]} differs from image "
-                                       f"{image_path.name} {image.shape[0]}x{image.shape[1]}; slice left out")
+                                       f"{image_path.name} {image.shape[0]}x{image.shape[1]}; slice left out",
+                            volume_id, numbers[stem])
                 continue
         slices.append({
             "slice_index": numbers[stem], "image_path": str(image_path),
@@ -241,7 +252,7 @@ def _discover_case(case: str, paths: list[Path], mask_path: Path | None, rejects
     except DataError as error:
         for path in every_file:
             reason = error.reason if str(path) == error.path else f"case left out: {Path(error.path).name}: {error.reason}"
-            rejects.add(path, reason)
+            rejects.add(path, reason, case)
         return []
     height, width, depth = volume.shape[:3]
     image_path = PATH_SEPARATOR.join(str(p) for p in paths)
@@ -280,24 +291,29 @@ def _discover_nifti(files: list[Path], rejects: _Rejects) -> list[tuple[str, lis
     modalities: dict[tuple, dict[int, Path]] = {}
     masks: dict[tuple, Path] = {}
     images: dict[Path, dict[str, Path]] = {}  # folder -> stem -> image file
+    duplicates = []
     for path in files:
         stem = nifti_stem(path)
         for suffix in ("_mask", "_seg"):
             if stem.endswith(suffix):
                 key = (path.parent, stem[: -len(suffix)])
                 if key in masks:
-                    rejects.add(path, f"second mask for case {key[1]} (also {masks[key].name})")
+                    rejects.add(path, f"second mask for case {key[1]} (also {masks[key].name})", key[1])
                 else:
                     masks[key] = path
                 break
         else:
             folder = images.setdefault(path.parent, {})
             if stem in folder:
-                rejects.add(path, f"duplicate case name (also {folder[stem].name})")
+                duplicates.append((path, stem, f"duplicate case name (also {folder[stem].name})"))
             else:
                 folder[stem] = path
     for folder, stems in images.items():
-        for stem, (case, number) in nifti_cases(stems).items():
+        case_of = nifti_cases(stems)
+        for path, stem, reason in duplicates:
+            if path.parent == folder:
+                rejects.add(path, reason, case_of[stem][0])
+        for stem, (case, number) in case_of.items():
             if number is None:
                 wholes[(folder, case)] = stems[stem]
             else:
@@ -309,12 +325,13 @@ def _discover_nifti(files: list[Path], rejects: _Rejects) -> list[tuple[str, lis
         except DataError as error:
             files_of_case = [wholes.get(key), *modalities.get(key, {}).values(), masks.get(key)]
             for path in filter(None, files_of_case):
-                rejects.add(path, error.reason)
+                rejects.add(path, error.reason, key[1])
             continue
         cases.append((str(key[0] / key[1]), _discover_case(key[1], paths, masks.get(key), rejects)))
     for key, mask_path in sorted(masks.items()):
         if key not in wholes and key not in modalities:
-            rejects.add(mask_path, f"mask without image (no {key[1]}.nii.gz or {key[1]}_0000.nii.gz beside it)")
+            rejects.add(mask_path, f"mask without image (no {key[1]}.nii.gz or {key[1]}_0000.nii.gz beside it)",
+                        key[1])
     return cases
 
 
@@ -341,13 +358,15 @@ def discover(data_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     has_tumor, institution (None unless the layout names one), height, width, channels (int32) and
     the per-volume, per-channel statistics norm_low, norm_high (0.5 and 99.5 percentiles), norm_mean,
     norm_std (of the clipped volume) as lists of floats.
-    rejects: one row per bad file: path, reason (also logged, one line each).
+    rejects: one row per bad file: path, reason (also logged, one line each), and the volume_id and
+    slice_index (int32, -1 where none) it belongs to.
     """
     data_dir = Path(data_dir).resolve()
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder not found: {data_dir}")
     rejects = _Rejects()
     folders: dict[Path, list[Path]] = {}
+    unsupported: dict[Path, list[Path]] = {}
     nifti_files = []
     for path in sorted(data_dir.rglob("*")):
         relative_parts = path.relative_to(data_dir).parts
@@ -360,8 +379,12 @@ def discover(data_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
         elif path.suffix.lower() in SIDECAR_SUFFIXES:
             continue
         else:
+            unsupported.setdefault(path.parent, []).append(path)
+    for folder, paths in sorted(unsupported.items()):
+        volume_id = _folder_volume(folder, [p.stem for p in folders.get(folder, [])], data_dir)[0]
+        for path in paths:
             rejects.add(path, f"unsupported file type {path.suffix or '(no extension)'!r} "
-                              "(expected .tif, .tiff, .png, .nii or .nii.gz)")
+                              "(expected .tif, .tiff, .png, .nii or .nii.gz)", volume_id)
     origins: dict[str, str] = {}  # volume_id -> where it was found: one volume_id, one source
     rows = []
     volumes = [(str(folder), _discover_folder(folder, files, data_dir, rejects))
@@ -372,7 +395,7 @@ def discover(data_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
         volume_id = volume_rows[0]["volume_id"]
         if volume_id in origins:
             for path in dict.fromkeys(row["image_path"] for row in volume_rows):
-                rejects.add(path, f"duplicate volume_id {volume_id!r} (also found in {origins[volume_id]})")
+                rejects.add(path, f"duplicate volume_id {volume_id!r} (also found in {origins[volume_id]})", volume_id)
             continue
         origins[volume_id] = origin
         rows += volume_rows

@@ -19,7 +19,8 @@ from raysegm.models.attention import DualAttention
 from raysegm.models.resnet_unet import ResNetUNet
 from raysegm.models.unet import UNet
 
-__all__ = ["REGISTRY", "DualAttention", "ResNetUNet", "UNet", "count_parameters", "create_model", "model_name"]
+__all__ = ["REGISTRY", "DualAttention", "ResNetUNet", "UNet", "components", "count_parameters", "create_model",
+           "model_name"]
 
 
 def _unet(model: ModelSettings, in_channels: int, attention: bool) -> nn.Module:
@@ -67,6 +68,16 @@ def model_name(model: ModelSettings) -> str:
     if REGISTRY[model.variant].func is _resnet_unet and model.encoder != DEFAULT_ENCODER:
         return f"{model.variant}[{model.encoder}]"
     return model.variant
+
+
+def components(variant: str) -> frozenset[str]:
+    """What `variant` adds to the classic U-Net ("ResNet encoder", "attention"), read off its registry
+    entry: a paired difference between two variants isolates the components one has and the other lacks."""
+    if variant not in REGISTRY:
+        raise ValueError(f"unknown model variant {variant!r}; choose one of {', '.join(REGISTRY)}")
+    builder = REGISTRY[variant]
+    return frozenset({"ResNet encoder"} if builder.func is _resnet_unet else set()) | frozenset(
+        {"attention"} if builder.keywords.get("attention") else set())
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:

@@ -241,7 +241,12 @@ def imagenet_state_dict(encoder_name: str) -> dict[str, torch.Tensor]:
 
 
 def network_problem(endpoint: str) -> str | None:
-    """Why `endpoint` cannot be reached within NETWORK_PROBE_SECONDS, or None when it can."""
+    """Why `endpoint` cannot be reached within NETWORK_PROBE_SECONDS, or None when it can. Behind a proxy
+    (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY set) a direct connection proves nothing, so the download is
+    left to try through it."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                             "ALL_PROXY", "all_proxy")):
+        return None
     url = urlparse(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
