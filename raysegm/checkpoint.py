@@ -183,6 +183,27 @@ def save_ensemble(directory: str | Path, members: list[str | Path]) -> Path:
     return save_checkpoint(directory, SeedEnsemble(list(models)), config)
 
 
+def training_checkpoint_problem(directory: str | Path) -> str | None:
+    """Why a training checkpoint folder cannot be used (a file missing, or cut short by an interrupted
+    upload), or None when its weights header, config and training state all read."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    missing = [name for name in (WEIGHTS, CONFIG, TRAINING_STATE) if not (directory / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        with safe_open(str(directory / WEIGHTS), framework="pt"):  # checks the header covers the file
+            pass
+        json.loads((directory / CONFIG).read_text())
+        torch.load(directory / TRAINING_STATE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return None  # complete, but refused: load_training_state says why
+    except Exception as error:
+        return f"unreadable ({type(error).__name__}: {error})"
+    return None
+
+
 def load_training_state(directory: str | Path) -> dict | None:
     """The training state saved beside the weights, or None; read with weights_only=True (no pickled objects)."""
     path = Path(directory) / TRAINING_STATE

@@ -103,7 +103,7 @@ class ScaleSettings:
 @dataclass(frozen=True)
 class RunSettings:
     name: str = "run"  # run folder under storage_path; an existing one needs --resume
-    storage_path: str = "runs"  # local path or URI every node can reach
+    storage_path: str = "runs"  # a filesystem path every node can reach (a shared mount on a cluster)
     num_to_keep: int = 1  # best checkpoints kept by per-patient Dice (the latest is always kept too)
     max_failures: int = 2  # worker failures a run survives (Ray Train FailureConfig)
 

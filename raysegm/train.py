@@ -132,6 +132,12 @@ def check_settings(config: ExperimentConfig) -> None:
                          f"at least 1, got {t.ensemble}")
     if s.num_workers < 1 or t.epochs < 1:
         raise ValueError("scale.num_workers and train.epochs must be at least 1")
+    if "://" in config.run.storage_path:
+        raise ValueError(f"run.storage_path must be a filesystem path every node can reach (a shared mount), "
+                         f"got the URI {config.run.storage_path!r}")
+    if t.warmup_epochs < 0 or (t.schedule != "none" and t.warmup_epochs >= t.epochs):
+        raise ValueError(f"train.warmup_epochs must be >= 0 and, with a schedule, below train.epochs "
+                         f"{t.epochs}; got {t.warmup_epochs}")
     if t.batch_size % s.num_workers:
         raise ValueError(f"train.batch_size {t.batch_size} is the global batch and must split evenly "
                          f"across scale.num_workers {s.num_workers}")
@@ -371,7 +377,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     start_epoch, history, resumed_after = 0, {}, []
     if state is not None:
-        start_epoch, history, resumed_after = _restore(state, optimizer, scheduler, scaler)
+        start_epoch, history, resumed_after = _restore(state, optimizer, scheduler, scaler, t)
         resumed_after = [*resumed_after, start_epoch]
         if rank == 0:
             log.info(f"resumed from the checkpoint of epoch {start_epoch}")
@@ -497,11 +503,20 @@ def _training_state(epoch, optimizer, scheduler, scaler, history, resumed_after)
     }
 
 
-def _restore(state: dict, optimizer, scheduler, scaler) -> tuple[int, dict, list]:
+def _restore(state: dict, optimizer, scheduler, scaler, t) -> tuple[int, dict, list]:
+    """Load a training state; the next epoch's rate follows the current schedule of `t` (TrainSettings).
+
+    The saved optimizer holds the rate its own schedule gave; a resume that lengthens the run
+    (train.epochs) would otherwise train one epoch at it (0 at the end of a cosine run).
+    """
     from raysegm.checkpoint import restore_rng_state
 
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    factor = lr_factor(scheduler.last_epoch, t.schedule, t.warmup_epochs, t.epochs)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     restore_rng_state(state["rng"])

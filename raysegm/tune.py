@@ -403,15 +403,18 @@ def trial_outcome(run_dir: Path) -> dict | None:
     Returns {history: {epoch: row}, epochs_completed, best_epoch, best_checkpoint, latest_checkpoint}:
     the history is the latest checkpoint's (keyed by epoch, a redone epoch replaced), and the best
     checkpoint is the kept one with the highest validation per-patient Dice (the earlier on a tie).
-    Checkpoint folders without all three files (an upload cut short) are passed over.
+    Checkpoint folders with a file missing or cut short (an interrupted upload) are passed over, named.
     """
-    from raysegm.checkpoint import CONFIG, TRAINING_STATE, WEIGHTS, load_training_state
+    from raysegm.checkpoint import load_training_state, training_checkpoint_problem
 
     kept = {}
     for folder in sorted(Path(run_dir).glob("checkpoint_*")):
-        if all((folder / name).is_file() for name in (WEIGHTS, CONFIG, TRAINING_STATE)):
-            state = load_training_state(folder)
-            kept[int(state["epoch"])] = (folder, state)
+        problem = training_checkpoint_problem(folder)
+        if problem:
+            print(f"{folder}: passed over: {problem}", flush=True)
+            continue
+        state = load_training_state(folder)
+        kept[int(state["epoch"])] = (folder, state)
     if not kept:
         return None
     latest_epoch = max(kept)

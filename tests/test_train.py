@@ -95,6 +95,8 @@ def test_a_resume_may_lengthen_the_run_but_not_change_what_it_trains(tmp_path):
     ("data", {"in_channels": 0}, "data.in_channels must be at least 1, got 0"),
     ("data", {"size": 36}, r"data.size 36 must be divisible by 8 for unet \(model.unet_depth 3 poolings\)"),
     ("data", {"clip_percentiles": [99.5, 0.5]}, r"data.clip_percentiles must be 0 <= low < high <= 100"),
+    ("train", {"schedule": "cosine", "warmup_epochs": 3, "epochs": 3}, "train.warmup_epochs must be >= 0"),
+    ("train", {"warmup_epochs": -1}, r"below train.epochs \d+; got -1"),
 ])
 def test_settings_the_loop_cannot_honour_are_refused(tmp_path, section, values, message):
     config = demo_config(tmp_path, "refused", **{section: values})
@@ -103,6 +105,41 @@ def test_settings_the_loop_cannot_honour_are_refused(tmp_path, section, values, 
     with pytest.raises(ValueError, match=message):
         train(config)
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_uri_storage_path_is_refused_not_made_a_local_folder(tmp_path):
+    config = replace(demo_config(tmp_path, "uri"), run={"storage_path": "s3://bucket/runs"})
+    with pytest.raises(ValueError, match="run.storage_path must be a filesystem path"):
+        check_settings(config)
+    with pytest.raises(ValueError, match="run.storage_path must be a filesystem path"):
+        train(config)
+    assert not list(tmp_path.iterdir()) and not Path("s3:").exists()
+
+
+def test_a_lengthened_run_resumes_on_its_new_schedule():
+    from raysegm.config import TrainSettings
+    from raysegm.train import _restore, _training_state
+
+    def run(epochs, state=None, until=None):
+        settings = TrainSettings(lr=1.0, schedule="cosine", warmup_epochs=1, epochs=epochs)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda e: lr_factor(e, settings.schedule, settings.warmup_epochs, settings.epochs))
+        start = _restore(state, optimizer, scheduler, None, settings)[0] if state else 0
+        rates = []
+        for _ in range(start + 1, (until or epochs) + 1):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return rates, _training_state(until or epochs, optimizer, scheduler, None, {}, [])
+
+    full, _ = run(6)
+    first, state = run(6, until=3)
+    assert first + run(6, state)[0] == pytest.approx(full)  # an interrupted run continues exactly
+    short, finished = run(3)
+    assert short[-1] > 0 and short + run(6, finished)[0] != pytest.approx(full)
+    assert run(6, finished)[0] == pytest.approx(full[3:])  # epoch 4 at its new rate, not 0
+    assert run(6, finished)[0][0] > 0
 
 
 def test_cosine_schedule_warms_up_then_decays():

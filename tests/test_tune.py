@@ -263,6 +263,12 @@ def test_trial_outcome_reads_the_kept_checkpoints(tmp_path):
         state = {"epoch": epoch, "history": {e: history[e] for e in history if e <= epoch}}
         save_checkpoint(run_dir / f"checkpoint_{epoch}", model, config, training_state=state)
     save_checkpoint(run_dir / "checkpoint_4", model, config)
+    # epochs 5 and 6 have all three files, one of them cut short
+    for epoch, cut in ((5, "model.safetensors"), (6, "training_state.pt")):
+        state = {"epoch": epoch, "history": {e: {**history[3], "epoch": e} for e in range(1, epoch + 1)}}
+        save_checkpoint(run_dir / f"checkpoint_{epoch}", model, config, training_state=state)
+        data = (run_dir / f"checkpoint_{epoch}" / cut).read_bytes()
+        (run_dir / f"checkpoint_{epoch}" / cut).write_bytes(data[: len(data) // 2])
     outcome = trial_outcome(run_dir)
     assert outcome["epochs_completed"] == 3
     assert outcome["best_epoch"] == 2
