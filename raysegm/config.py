@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,9 @@ def to_dict(config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value, annotation, key: str):
     """Check and convert one value against a field's type; a wrong type is an error, not a string."""
     origin = typing.get_origin(annotation)
@@ -196,6 +200,8 @@ def _coerce(value, annotation, key: str):
         raise ValueError(f"{key}: expected an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):  # YAML 1.1 reads 1e-4 as a string
             return float(value)
         raise ValueError(f"{key}: expected a number, got {value!r}")
     if annotation is str:

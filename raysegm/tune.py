@@ -306,7 +306,7 @@ def _tune_callbacks(config: ExperimentConfig) -> list:
     uri = config.tune.mlflow_tracking_uri
     if uri:
         if importlib.util.find_spec("mlflow") is None:
-            raise ImportError(f"tune.mlflow_tracking_uri is set ({uri}) but mlflow is not installed: "
+            raise ValueError(f"tune.mlflow_tracking_uri is set ({uri}) but mlflow is not installed: "
                               f"pip install 'raysegm[mlflow]', or leave tune.mlflow_tracking_uri empty")
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 

@@ -52,6 +52,16 @@ def test_bad_override_exits_with_a_clear_error(override, message, capsys):
     assert f"raysegm train: error: {message}" in capsys.readouterr().err
 
 
+def test_numbers_in_scientific_notation_are_numbers():
+    # YAML 1.1 (yaml.safe_load) reads 1e-4 as a string; a setting typed float takes it as the number
+    from raysegm.config import load_config
+
+    config = load_config(None, ["train.lr=1e-4", "train.weight_decay=-2.5E+1", "tune.extra_axes={train.lr: [3e-4]}"])
+    assert config.train.lr == 1e-4 and config.train.weight_decay == -25.0
+    assert config.tune.extra_axes == {"train.lr": ["3e-4"]}  # checked per trial, where it becomes 3e-4
+    assert load_config(None, ["train.lr=0.5"]).train.lr == 0.5
+
+
 def test_bad_override_from_the_console_script():
     proc = run_cli("train", "--config", "configs/demo.yaml", "--set", "train.lr=fast")
     assert proc.returncode == 2

@@ -166,7 +166,7 @@ def test_a_resumed_study_takes_new_read_settings_and_keeps_what_it_measures(tmp_
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow is installed here")
 def test_an_mlflow_uri_without_mlflow_is_a_clear_error(tmp_path):
     config = tiny_config(tmp_path, "mlflow", "tune.mlflow_tracking_uri=file:///tmp/mlruns")
-    with pytest.raises(ImportError, match=r"mlflow is not installed: pip install 'raysegm\[mlflow\]'"):
+    with pytest.raises(ValueError, match=r"mlflow is not installed: pip install 'raysegm\[mlflow\]'"):
         run_study(config)
 
 
