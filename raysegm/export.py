@@ -195,6 +195,21 @@ def _export_nifti(rows: pd.DataFrame, out: Path, sources: _Sources) -> int:
     return written
 
 
+def _check_out(out: Path, parquet, input_root: str | None, source_root) -> None:
+    """Refuse an `out` inside the inference output (read_parquet would meet the exported files there) or
+    inside the input archive (the next discovery would read exported masks as its slices or truth)."""
+    resolved = out.expanduser().resolve()
+    places = [("the inference output", parquet), ("the input archive", input_root),
+              ("the source root", source_root)]
+    for what, place in places:
+        if place is None or "://" in str(place):
+            continue
+        place = Path(place).expanduser().resolve()
+        folder = place if place.is_dir() or place.suffix != ".parquet" else place.parent
+        if resolved == folder or resolved.is_relative_to(folder):
+            raise ValueError(f"export: --out {out} is inside {what} {folder}; choose a folder outside it")
+
+
 def export(parquet, to: str, out, source_root=None) -> Path:
     """Write the masks of an inference output (folder or Parquet file) as `to` ("png", "overlay",
     "nifti") under `out`; returns `out`. See the module docstring for names and geometry."""
@@ -202,6 +217,7 @@ def export(parquet, to: str, out, source_root=None) -> Path:
         raise ValueError(f"export: unknown format {to!r} (expected one of {FORMATS})")
     rows, metadata = read_output(parquet)
     out = Path(out)
+    _check_out(out, parquet, metadata.get("input"), source_root)
     ok = rows[rows["status"] == "ok"]
     sources = _Sources(source_root, metadata.get("input")) if to in ("overlay", "nifti") else None
     try:

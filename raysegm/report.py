@@ -252,6 +252,8 @@ def plot_overlay(slices: list[dict], title: str, path: Path, threshold: float = 
 def _overlays(study_dir: Path, scored: pd.DataFrame, per_patient: pd.DataFrame, figures: Path) -> str:
     config = json.loads((study_dir / "config.json").read_text())
     best = scored.loc[scored["val_dice"].idxmax()]
+    if not {"trial_id", "volume_id", "dice"} <= set(per_patient.columns):
+        return "## Overlays\n\nNone: the study has no per-patient table (per_patient.csv).\n"
     patients = per_patient[per_patient["trial_id"] == best["trial_id"]].sort_values(["dice", "volume_id"])
     if patients.empty:
         return ""
@@ -290,7 +292,8 @@ img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:0 3px}"
 
 def _inline(text: str) -> str:
     text = html.escape(text, quote=False)
-    text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2">', text)
+    text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)",
+                  lambda m: '<img alt="{}" src="{}">'.format(*(g.replace('"', "&quot;") for g in m.groups())), text)
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
 
 
@@ -326,9 +329,10 @@ def markdown_to_html(markdown: str, title: str) -> str:
                 items.append(lines[index][2:])
                 index += 1
             body.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in items) + "</ul>")
-        else:
-            paragraph = []
-            while index < len(lines) and lines[index].strip() and not re.match(r"^(#|\||- )", lines[index]):
+        else:  # a paragraph: this line (whatever it starts with) and the plain lines after it
+            paragraph = [line]
+            index += 1
+            while index < len(lines) and lines[index].strip() and not re.match(r"^(#{1,6} |\||- )", lines[index]):
                 paragraph.append(lines[index])
                 index += 1
             body.append(f"<p>{_inline(' '.join(paragraph))}</p>")

@@ -318,9 +318,21 @@ def _trial_dirname(trial) -> str:
     return f"trial-{trial.trial_id}"
 
 
+def scheduler(config: ExperimentConfig):
+    """ASHA over epochs where tune.asha is on, else None (every trial runs its epochs)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    if not config.tune.asha:
+        return None
+    # Epochs, not Tune iterations: a trial resumed from its Train checkpoint keeps its epoch count.
+    # A trial that survives every rung ends by itself: Tune stopping it would kill its Train
+    # controller mid-shutdown, leaving the worker group's placement group to Ray Train's cleaner.
+    return ASHAScheduler(time_attr="epoch", max_t=config.train.epochs,
+                         grace_period=config.tune.asha_grace_epochs, stop_last_trials=False)
+
+
 def _tuner(config: ExperimentConfig, study_dir: Path, callbacks: list, restore: bool):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=to_dict(config), manifest_path=config.data.manifest,
@@ -331,17 +343,10 @@ def _tuner(config: ExperimentConfig, study_dir: Path, callbacks: list, restore: 
         # Tune's own experiment state: finished trials stay finished, the rest continue.
         return tune.Tuner.restore(str(study_dir / TUNE_DIR), trainable=trainable, resume_unfinished=True,
                                   resume_errored=True)
-    scheduler = None
-    if config.tune.asha:
-        # Epochs, not Tune iterations: a trial resumed from its Train checkpoint keeps its epoch count.
-        # A trial that survives every rung ends by itself: Tune stopping it would kill its Train
-        # controller mid-shutdown, leaving the worker group's placement group to Ray Train's cleaner.
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=config.train.epochs,
-                                  grace_period=config.tune.asha_grace_epochs, stop_last_trials=False)
     return tune.Tuner(
         trainable,
         param_space=search_space(config),
-        tune_config=tune.TuneConfig(metric=VAL_METRIC, mode="max", scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=VAL_METRIC, mode="max", scheduler=scheduler(config),
                                     max_concurrent_trials=config.tune.max_concurrent_trials,
                                     trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(study_dir), callbacks=callbacks,

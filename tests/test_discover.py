@@ -77,11 +77,11 @@ def test_lgg_has_tumor_and_stats_match_the_files(lgg_manifest):
     np.testing.assert_array_equal(read_mask(row), masks[5] // 255)
 
 
-def test_manifest_round_trip_keeps_split_and_settings(lgg_manifest):
+def test_manifest_round_trip_keeps_split_and_settings(lgg_manifest, lgg_sample):
     out, manifest, _ = lgg_manifest
     again = load_manifest(out)
     pd.testing.assert_frame_equal(again, manifest)
-    assert manifest_settings(out) == {"data_dir": manifest_settings(out)["data_dir"], "split_seed": 0,
+    assert manifest_settings(out) == {"data_dir": str(lgg_sample.resolve()), "split_seed": 0,
                                       "val_fraction": 0.2, "test_fraction": 0.2, "folds": 0, "fold": 0}
     assert again.attrs["raysegm"]["split_seed"] == 0
     assert (manifest.groupby("volume_id")["split"].nunique() == 1).all()

@@ -37,13 +37,14 @@ def all_test_manifest(synth_dir, tmp_path_factory):
     return path
 
 
-def make_checkpoint(directory, manifest_path, head_bias=None, in_channels=3, centred_on=None):
+def make_checkpoint(directory, manifest_path, head_bias=None, in_channels=3, centred_on=None, **data):
     """A tiny U-Net checkpoint at MODEL_SIZE px with random weights.
 
     head_bias: the logits become that constant everywhere. centred_on: model inputs (B, 3, S, S) whose
     median logit is moved to 0, so that about half of their pixels are predicted tumor.
     """
-    config = from_dict({"data": {"size": MODEL_SIZE, "manifest": str(manifest_path), "in_channels": in_channels},
+    config = from_dict({"data": {"size": MODEL_SIZE, "manifest": str(manifest_path), "in_channels": in_channels,
+                                 **data},
                         "model": {"variant": "unet", "unet_width": 4, "unet_depth": 2}})
     torch.manual_seed(0)
     model = create_model(config.model, in_channels=in_channels).eval()
@@ -135,10 +136,13 @@ def test_a_model_scores_as_the_meter_computed_by_hand(all_test_manifest, tmp_pat
 
 
 def test_data_dir_is_split_with_the_checkpoints_own_settings(synth_dir, all_test_manifest, tmp_path):
-    checkpoint = make_checkpoint(tmp_path / "ckpt", all_test_manifest, head_bias=10.0)
-    summary = evaluate_checkpoint(checkpoint, data_dir=synth_dir, split="val")
-    expected, _ = prepare(synth_dir, tmp_path / "again.parquet")  # default split keys, as in the checkpoint
-    assert summary["n_patients"] == expected.query("split == 'val'")["volume_id"].nunique()
+    checkpoint = make_checkpoint(tmp_path / "ckpt", all_test_manifest, head_bias=10.0, split_seed=1)
+    summary = evaluate_checkpoint(checkpoint, data_dir=synth_dir, split="val", out=tmp_path / "scores")
+    scored = set(pd.read_csv(tmp_path / "scores" / "per_patient.csv")["volume_id"])
+    expected, _ = prepare(synth_dir, tmp_path / "seed1.parquet", split_seed=1)  # the checkpoint's split
+    default, _ = prepare(synth_dir, tmp_path / "seed0.parquet")
+    assert scored == set(expected.query("split == 'val'")["volume_id"])
+    assert scored != set(default.query("split == 'val'")["volume_id"])  # so the seed was not the default's
     assert summary["n_slices"] == int((expected["split"] == "val").sum())
 
 

@@ -106,6 +106,19 @@ def test_overlay_finds_moved_sources_under_source_root(output, source, tmp_path)
         original.rename(source)
 
 
+def test_export_refuses_to_write_into_the_output_or_the_input_archive(output, source, tmp_path):
+    folder, volume_id, _ = output
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    for out, place in ((folder, "inference output"), (folder / "png", "inference output"),
+                       (source, "input archive"), (source / volume_id, "input archive")):
+        with pytest.raises(ValueError, match=f"is inside the {place}"):
+            export(folder, to="png", out=out)
+    with pytest.raises(ValueError, match="is inside the source root"):
+        export(folder, to="overlay", out=tmp_path / "moved" / "o", source_root=tmp_path / "moved")
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before  # no mask written there
+    assert len(pd.read_parquet(folder)) == 4  # the output still reads whole
+
+
 def test_nifti_from_2d_slices_stacks_in_order_with_identity_affine(output, tmp_path, capsys):
     folder, volume_id, masks = output
     export(folder, to="nifti", out=tmp_path / "nii")
@@ -198,8 +211,9 @@ def _commit(folder: Path, input: Path, volumes: dict[str, tuple[list[int], str]]
 
 
 def test_nifti_export_refuses_two_volumes_of_one_file_name(tmp_path):
-    folder = _commit(tmp_path / "masks", tmp_path, {"a/b": ([0], str(tmp_path / "a" / "b" / "0.png")),
-                                                    "a_b": ([0], str(tmp_path / "a_b" / "0.png"))})
+    archive = tmp_path / "archive"
+    folder = _commit(tmp_path / "masks", archive, {"a/b": ([0], str(archive / "a" / "b" / "0.png")),
+                                                   "a_b": ([0], str(archive / "a_b" / "0.png"))})
     with pytest.raises(ValueError, match="volumes 'a/b' and 'a_b' would both be written to a_b.nii.gz"):
         export(folder, to="nifti", out=tmp_path / "nii")
     assert not (tmp_path / "nii").exists()

@@ -111,6 +111,22 @@ def test_preprocess_shrinks_images_by_area_and_masks_by_nearest_neighbour():
     assert resize_image(np.zeros((20, 20, 1), np.float32), 8).shape == (8, 8, 1)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+@pytest.mark.parametrize("shape", [(240, 240, 9), (250, 230, 15), (256, 256, 9), (100, 100, 9)])
+def test_a_2_5d_stack_resizes_channel_by_channel(shape, dtype):
+    # OpenCV's INTER_AREA refuses more than 4 channels at a fractional factor (240 -> 128)
+    import cv2
+
+    image = (np.random.default_rng(0).random(shape) * 255).astype(dtype)
+    out = resize_image(image, 128)
+    assert out.shape == (128, 128, shape[2]) and out.dtype == dtype
+    method = cv2.INTER_AREA if 128 < min(shape[:2]) else cv2.INTER_LINEAR
+    for channel in range(shape[2]):  # each channel alone, as a 1-channel image
+        np.testing.assert_array_equal(out[..., channel],
+                                      cv2.resize(np.ascontiguousarray(image[..., channel]), (128, 128),
+                                                 interpolation=method))
+
+
 # ---------------------------------------------------------------------------------------------------
 # augmentation
 

@@ -49,6 +49,10 @@ def test_markdown_becomes_html_tables_lists_and_images():
     assert "<ul><li>one</li><li>two</li></ul>" in page
     assert "<thead><tr><th>a</th><th>b | c</th></tr></thead><tbody><tr><td>1</td><td>x</td></tr></tbody>" in page
     assert '<img alt="plot" src="figures/p.png">' in page
+    # a line starting with # that is no heading is text (it once looped forever); quotes stay inside alt
+    page = markdown_to_html("#tag here\n####### deep\n![a\"b & c](x.png)\n", title="t")
+    assert "<p>#tag here ####### deep " in page
+    assert '<img alt="a&quot;b &amp; c" src="x.png">' in page
 
 
 def test_a_report_needs_a_finished_study(tmp_path):
@@ -122,6 +126,15 @@ def test_a_study_copied_from_where_it_ran_gets_its_report_without_overlays(hand_
     assert "No overlays:" in markdown and "not found here (the study was run elsewhere)" in markdown
     assert "- Data: synthetic, 6 patients x 4 slices, resized to" in markdown
     assert "## Ablation results" in markdown and not (copy / "figures" / "overlay_best.png").exists()
+
+
+def test_a_study_cut_short_before_its_per_patient_table_gets_a_note(hand_built_study):
+    write_results(hand_built_study)
+    (hand_built_study / "per_patient.csv").unlink()  # killed between results.csv and per_patient.csv
+    write_report(hand_built_study)
+    markdown = (hand_built_study / "report.md").read_text()
+    assert "None: the study has no per-patient table (per_patient.csv)." in markdown
+    assert "## Ablation results" in markdown
 
 
 @pytest.mark.slow

@@ -116,6 +116,19 @@ def test_a_uri_storage_path_is_refused_not_made_a_local_folder(tmp_path):
     assert not list(tmp_path.iterdir()) and not Path("s3:").exists()
 
 
+def test_precision_and_memory_format_switches_change_the_arithmetic_and_layout():
+    from raysegm.train import autocast, memory_format_of
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(2, 3, 8, 8)
+    with autocast("bf16", torch.device("cpu")):
+        assert conv(x).dtype == torch.bfloat16
+    with autocast("fp32", torch.device("cpu")):
+        assert conv(x).dtype == torch.float32
+    assert memory_format_of(True) is torch.channels_last and memory_format_of(False) is torch.contiguous_format
+    assert x.contiguous(memory_format=memory_format_of(True)).is_contiguous(memory_format=torch.channels_last)
+
+
 def test_a_lengthened_run_resumes_on_its_new_schedule():
     from raysegm.config import TrainSettings
     from raysegm.train import _restore, _training_state

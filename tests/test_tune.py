@@ -128,6 +128,18 @@ def test_a_study_that_cannot_run_is_refused_before_ray(tmp_path, overrides, mess
     assert not (tmp_path / "refused").exists()
 
 
+def test_asha_stops_trials_by_epoch_on_validation_dice(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+
+    from raysegm.tune import scheduler
+
+    assert scheduler(tiny_config(tmp_path, "plain")) is None
+    asha = scheduler(tiny_config(tmp_path, "asha", "tune.asha=true", "tune.asha_grace_epochs=1", "train.epochs=4"))
+    assert isinstance(asha, ASHAScheduler)
+    assert (asha._time_attr, asha._max_t, asha._reduction_factor) == ("epoch", 4, 4)
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [4, 1]  # rungs at epochs 1 and 4
+
+
 def test_an_existing_study_needs_resume_and_resume_needs_the_same_experiment(tmp_path):
     config = tiny_config(tmp_path, "held")
     with pytest.raises(FileNotFoundError, match="nothing to resume"):

@@ -68,8 +68,11 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     if (height, width) == (size, size):
         return image
     interpolation = cv2.INTER_AREA if size < min(height, width) else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (size, size), interpolation=interpolation)
-    return resized.reshape(size, size, image.shape[2])
+    # OpenCV's INTER_AREA takes at most 4 channels unless the factor is a whole number: a 2.5D stack
+    # (9 channels) goes through in groups of up to 4
+    resized = [cv2.resize(image[..., start:start + 4], (size, size), interpolation=interpolation)
+               .reshape(size, size, -1) for start in range(0, image.shape[2], 4)]
+    return np.concatenate(resized, axis=2) if len(resized) > 1 else resized[0]
 
 
 def scale_image(image: np.ndarray, data: DataSettings, stats: Mapping | None) -> np.ndarray:
