@@ -531,6 +531,15 @@ def test_tta_run_from_and_to_uris(ray_session, archive, checkpoint, tmp_path):
     merged = truth.merge(rows, on=["volume_id", "slice_index"])
     assert _pooled_dice(list(merged["mask"]), list(merged["truth"])) > 0.5
     assert '"tta": true' in (tmp_path / "tta" / METADATA).read_text()
+    # the masks are the flip average, recomputed by hand, on every slice (discovery's order)
+    images, _ = _training_arrays(archive[0], tiny_config())
+    model, _ = load_model(checkpoint)
+    with torch.no_grad():
+        x = torch.from_numpy(images)
+        probs = (torch.sigmoid(model(x)) + torch.flip(torch.sigmoid(model(torch.flip(x, dims=[-1]))), dims=[-1]))[:, 0] / 2
+    by_slice = rows.set_index(["volume_id", "slice_index"])
+    for i, key in enumerate(zip(truth["volume_id"], truth["slice_index"])):
+        _assert_mask_is(by_slice.loc[key, "mask"], probs[i])
 
 
 def test_bad_files_become_error_rows_and_the_rest_flows(ray_session, untrained_checkpoint, tmp_path):
