@@ -55,7 +55,8 @@ def test_a_resume_may_change_how_it_runs_but_not_what_it_measures(tmp_path):
         for key in keys:
             assert hasattr(getattr(config, section), key), f"RUN_ONLY names no setting {section}.{key}"
     _check_same(saved, replace(config, data={"read_tasks": 1, "read_cache_mb": 0, "read_cpus": 0.5},
-                               infer={"replicas": 2, "batch_size": 4}, scale={"num_workers": 1}), tmp_path)
+                               infer={"replicas": 2, "batch_size": 4, "threshold": 0.4}, scale={"num_workers": 1}),
+                tmp_path)  # cv scores at the metric contract's 0.5 whatever infer.threshold says
     with pytest.raises(ValueError, match=r"\(data\.context_slices 0 -> 1, infer\.tta False -> True\)"):
         _check_same(saved, replace(config, data={"context_slices": 1, "read_tasks": 1}, infer={"tta": True}), tmp_path)
 
