@@ -38,7 +38,7 @@ def run_cv(config: ExperimentConfig, folds: int | None = None, only: list[int] |
     """Train and score `folds` folds (or the folds listed in `only`); returns the summary dict.
 
     folds: None takes data.folds where the config sets it, else DEFAULT_FOLDS."""
-    from raysegm.train import run_state, train
+    from raysegm.train import check_settings, run_state, train
 
     if config.data.manifest:
         raise ValueError("cross-validation splits the patients itself: give data.data_dir (or no data for "
@@ -52,6 +52,7 @@ def run_cv(config: ExperimentConfig, folds: int | None = None, only: list[int] |
     selected = sorted(set(range(folds) if only is None else only))
     if not selected or not all(0 <= i < folds for i in selected):
         raise ValueError(f"folds to run must lie in 0..{folds - 1}, got {only}")
+    check_settings(config)  # before any folder is made (a URI storage_path would become a local one)
     cv_dir = Path(config.run.storage_path).expanduser().resolve() / config.run.name
     config = replace(config, data={"folds": folds})
     saved = cv_dir / "config.json"

@@ -3,8 +3,8 @@
 Each slice is read (with its neighbours for a 2.5D checkpoint, raysegm.data.context) and preprocessed
 exactly as the checkpoint's own config.json says (raysegm.data.preprocess), predicted at the model's
 size, and its probabilities are resized back to the slice's own resolution before thresholding, so
-every metric, HD95 included, is measured against the original mask in the input's own pixels; where
-every scored volume is NIfTI, HD95 is also given in mm from the headers' voxel sizes (`hd95_mm`).
+every metric, HD95 included, is measured against the original mask in the input's own pixels; NIfTI
+volumes also get HD95 in mm from their headers' voxel sizes (`hd95_mm`, empty for the others).
 Plain torch in one process: a split is small.
 """
 
@@ -100,8 +100,10 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     meter = SegmentationMeter(keep_masks=True)
     for volume_id, volume in labeled.groupby("volume_id", sort=True):
         records = volume.sort_values("slice_index").to_dict("records")
-        if records[0]["source_format"] == "nifti":
-            meter.set_spacing(volume_id, nifti_spacing(records[0]["image_path"].split(PATH_SEPARATOR)[0]))
+        spacing = (nifti_spacing(records[0]["image_path"].split(PATH_SEPARATOR)[0])
+                   if records[0]["source_format"] == "nifti" else None)
+        if spacing is not None:
+            meter.set_spacing(volume_id, spacing)
         predicted, truths = [], []
         for start in range(0, len(records), BATCH_SLICES):
             batch = records[start:start + BATCH_SLICES]

@@ -514,7 +514,8 @@ def volume_fingerprints(slices: pd.DataFrame, rejects: pd.DataFrame, root: Path)
     """{volume_id: sha1 over its input files' names (relative to the input) and bytes}.
 
     A volume's files are the images discovery found for it (every modality file of a NIfTI case) and the
-    files it rejected as that volume's; masks are left out, since inference never reads them. Discovery has just read every file, so hashing them again mostly reads the page cache.
+    files it rejected as that volume's. Masks are left out, since inference never reads them, except the
+    rejected ones: a mask fixed brings its slice back. Discovery has just read every file, so hashing them again mostly reads the page cache.
     """
     from raysegm.data.io import PATH_SEPARATOR
 

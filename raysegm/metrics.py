@@ -156,8 +156,8 @@ class SegmentationMeter:
     gather); `from_states` / `merge` combine meters so that batches and data-parallel workers add up
     to the same numbers as one meter fed everything. With `keep_masks=True` the binary masks are kept
     (bit-packed) so HD95 is computed per patient on the stacked volume. `set_spacing` records a volume's
-    voxel size (slice, row, column), e.g. from a NIfTI header; when every volume has one, the
-    per-patient table adds `hd95_mm`.
+    voxel size (slice, row, column), e.g. from a NIfTI header; the per-patient table then adds `hd95_mm`
+    (NaN for volumes without one), summarised over the volumes that have it.
     """
 
     def __init__(self, keep_masks: bool = False, threshold: float = 0.5):
@@ -267,13 +267,14 @@ class SegmentationMeter:
 
         hd95 is in voxels of the input's resolution (slices stacked in slice_index order, one voxel
         apart) and NaN unless the meter keeps masks. With `spacing` (slice, row, column), one tuple
-        for all volumes or a mapping volume_id -> tuple, or else with the meter's own `spacing` where it
-        covers every volume, an `hd95_mm` column is added.
+        for all volumes or a mapping volume_id -> tuple, or else with the meter's own `spacing`, an
+        `hd95_mm` column is added (NaN for a volume the meter has no spacing for).
         """
         volumes: dict[str, list[tuple[str, int]]] = {}
         for key in sorted(self._counts):
             volumes.setdefault(key[0], []).append(key)
-        if spacing is None and self.spacing and set(volumes) <= set(self.spacing):
+        own = spacing is None and bool(self.spacing)
+        if own:
             spacing = self.spacing
         rows = []
         for volume_id, slice_keys in volumes.items():
@@ -282,7 +283,9 @@ class SegmentationMeter:
             if self.keep_masks:
                 pred, target = self._volume(volume_id, slice_keys)
                 row["hd95"] = hd95(pred, target)
-                if spacing is not None:
+                if own and volume_id not in spacing:
+                    row["hd95_mm"] = math.nan
+                elif spacing is not None:
                     row["hd95_mm"] = hd95(pred, target, _spacing_of(spacing, volume_id))
             row["tumor_pixels"] = int(counts[0] + counts[2])
             row["predicted_pixels"] = int(counts[0] + counts[1])
@@ -305,7 +308,8 @@ class SegmentationMeter:
         names = list(METRICS) + (["hd95"] if self.keep_masks else []) + (["hd95_mm"] if "hd95_mm" in table else [])
         slice_dice = [scores(counts)["dice"] for counts in self._counts.values()]
         return {
-            "per_patient": {name: describe(table[name].to_numpy(), n_boot, seed) for name in names},
+            "per_patient": {name: describe(table[name].dropna().to_numpy() if name == "hd95_mm" else
+                                           table[name].to_numpy(), n_boot, seed) for name in names},
             "pooled": scores(np.sum(list(self._counts.values()), axis=0)),
             "per_slice_mean_dice": float(np.mean(slice_dice)),
             "n_patients": len(table),

@@ -61,6 +61,14 @@ def test_a_resume_may_change_how_it_runs_but_not_what_it_measures(tmp_path):
         _check_same(saved, replace(config, data={"context_slices": 1, "read_tasks": 1}, infer={"tta": True}), tmp_path)
 
 
+def test_a_uri_storage_path_is_refused_before_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = replace(load_config(ROOT / "configs" / "demo.yaml"), run={"storage_path": "s3://bucket/runs"})
+    with pytest.raises(ValueError, match="run.storage_path must be a filesystem path"):
+        run_cv(config, folds=2)
+    assert not list(tmp_path.iterdir())  # no local folder named s3:
+
+
 @pytest.mark.slow
 def test_three_folds_score_every_patient_once_and_resume_keeps_them(tmp_path, synth_dir, ray_session):
     config = tiny_config(tmp_path, synth_dir)

@@ -486,3 +486,23 @@ def test_nifti_names_ending_in_four_digits_are_cases_unless_they_number_modaliti
     cases = dict(zip(rejects["path"].map(lambda p: p.rsplit("/", 1)[1]), rejects["volume_id"]))
     assert cases == {**{f"brats_{m:04d}.nii.gz": "brats" for m in range(4)}, "twice.nii.gz": "twice"}
     assert (rejects["slice_index"] == -1).all()
+
+
+def test_numbered_nifti_cases_with_masks_of_their_own_are_cases(tmp_path):
+    root = tmp_path / "nifti"
+    (root / "p1").mkdir(parents=True)
+    (root / "p2").mkdir()
+    for k in (1, 2):  # two cases numbered 0001 and 0002 in one folder, each with its mask
+        _save(np.full((8, 8, 3), k, np.int16), root / f"x_{k:04d}.nii.gz")
+        _save(np.ones((8, 8, 3), np.uint8), root / f"x_{k:04d}_mask.nii.gz")
+    for k in (1, 2):  # one case a folder, with its segmentation
+        _save(np.full((8, 8, 3), k, np.int16), root / f"p{k}" / f"patient_{k:04d}.nii.gz")
+        _save(np.ones((8, 8, 3), np.uint8), root / f"p{k}" / f"patient_{k:04d}_seg.nii.gz")
+    _save(np.zeros((8, 8, 3), np.int16), root / "lone_0002.nii.gz")  # no FLAIR number: a case, not a modality
+    slices, rejects = discover(root)
+    assert rejects.empty, rejects.to_dict("records")
+    assert sorted(slices["volume_id"].unique()) == ["lone_0002", "patient_0001", "patient_0002", "x_0001", "x_0002"]
+    labeled = slices.groupby("volume_id")["labeled"].all()
+    assert labeled.drop("lone_0002").all() and not labeled["lone_0002"]
+    second = slices[slices["volume_id"] == "x_0002"].iloc[0].to_dict()
+    np.testing.assert_array_equal(read_image(second), np.full((8, 8, 3), 2.0, np.float32))  # its own pixels

@@ -192,6 +192,14 @@ def test_hd95_is_computed_on_the_stacked_patient_in_slice_order():
     summary = meter.summary(spacing=(3.0, 1.0, 1.0), n_boot=50)
     assert summary["per_patient"]["hd95"]["mean"] == pytest.approx(1.0)
     assert summary["per_patient"]["hd95_mm"]["mean"] == pytest.approx(3.0)
+    # the meter's own spacings, carried through its state: B has none (a 2D volume beside a NIfTI one)
+    meter.set_spacing("A", (3.0, 1.0, 1.0))
+    merged = SegmentationMeter.from_states([meter.state()])
+    table = merged.per_patient_table().set_index("volume_id")
+    assert table.loc["A", "hd95_mm"] == pytest.approx(6.0) and math.isnan(table.loc["B", "hd95_mm"])
+    assert merged.summary(n_boot=50)["per_patient"]["hd95_mm"]["mean"] == pytest.approx(6.0)  # A's alone
+    with pytest.raises(ValueError, match="has spacings"):
+        merged.set_spacing("A", (1.0, 1.0, 1.0))
 
 
 def test_without_kept_masks_hd95_is_absent_from_the_summary():

@@ -13,9 +13,9 @@ Layouts:
   (digit runs compared as numbers: `case_2` before `case_10`).
 - `nifti`: `.nii`/`.nii.gz` cases (suffix in any case), one 4D file (modalities last) or 3D file per
   case, or nnU-Net per-modality files `CASE_0000`, `CASE_0001`, `CASE_0002` (pre-contrast, FLAIR,
-  post-contrast; files of one folder ending in `_<4 digits>` are one case's modalities when their
-  numbers include 0000 or are all at most 0002, otherwise each is a case of its own, so that
-  `TCGA_CS_4942.nii.gz` is a case; a
+  post-contrast; files of one folder ending in `_<4 digits>` are one case's modalities when none has a
+  mask of its own and their numbers include 0000, or include 0001 and are all at most 0002; otherwise
+  each is a case of its own, so that `TCGA_CS_4942.nii.gz` is a case; a
   missing pre- or post-contrast file is replaced by FLAIR, as `kaggle_3m` does; a case without its
   FLAIR file is rejected; a per-modality file or mask may carry a trailing axis of size 1); mask
   `CASE_mask` or `CASE_seg`. volume_id is CASE, slice_index the 0-based index along the last spatial
@@ -266,12 +266,13 @@ def _discover_case(case: str, paths: list[Path], mask_path: Path | None, rejects
     return _volume_rows(case, "nifti", None, slices, volume)
 
 
-def nifti_cases(stems) -> dict[str, tuple[str, int | None]]:
+def nifti_cases(stems, masked=frozenset()) -> dict[str, tuple[str, int | None]]:
     """stem -> (case, modality number, or None for a whole-case file) for the image files of one folder.
 
-    Stems ending in `_<4 digits>` with one prefix are that case's nnU-Net modality files when their
-    numbers include 0 or are all at most 2; otherwise each such file is a whole case of its own
-    (`TCGA_CS_4942`, or `patient_0001` ... `patient_0005`).
+    Stems ending in `_<4 digits>` with one prefix are that case's nnU-Net modality files when none of
+    them has a mask of its own beside it (`masked`: the stems that do) and their numbers include 0, or
+    include 1 (FLAIR) and are all at most 2; otherwise each such file is a whole case of its own
+    (`TCGA_CS_4942`, `patient_0002` alone, or `patient_0001` ... `patient_0005`).
     """
     groups: dict[str, dict[str, int]] = {}
     for stem in stems:
@@ -280,7 +281,8 @@ def nifti_cases(stems) -> dict[str, tuple[str, int | None]]:
             groups.setdefault(match.group(1), {})[stem] = int(match.group(2))
     cases = {stem: (stem, None) for stem in stems}
     for case, numbers in groups.items():
-        if 0 in numbers.values() or max(numbers.values()) <= 2:
+        values = set(numbers.values())
+        if not set(numbers) & set(masked) and (0 in values or (1 in values and max(values) <= 2)):
             cases.update({stem: (case, number) for stem, number in numbers.items()})
     return cases
 
@@ -309,7 +311,7 @@ def _discover_nifti(files: list[Path], rejects: _Rejects) -> list[tuple[str, lis
             else:
                 folder[stem] = path
     for folder, stems in images.items():
-        case_of = nifti_cases(stems)
+        case_of = nifti_cases(stems, masked={case for where, case in masks if where == folder})
         for path, stem, reason in duplicates:
             if path.parent == folder:
                 rejects.add(path, reason, case_of[stem][0])

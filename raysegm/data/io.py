@@ -169,13 +169,13 @@ def read_nifti_volume(path: str | Path) -> np.ndarray:
     return volume
 
 
-def nifti_spacing(path: str | Path) -> tuple[float, float, float]:
+def nifti_spacing(path: str | Path) -> tuple[float, float, float] | None:
     """(slice, row, column) voxel size from the header (mm in practice): the last spatial axis, then the
-    first two, matching a case's slices stacked along the last axis."""
-    path = Path(path)
-    zooms = _load_nifti(path).header.get_zooms()
-    if len(zooms) < 3 or min(zooms[:3]) <= 0:
-        raise DataError(path, f"no voxel size in the header (zooms {tuple(zooms)})")
+    first two, matching a case's slices stacked along the last axis; None where the header gives no
+    positive size. (nibabel reads a pixdim of 0 as 1, with a warning, so such a file reads as 1 mm.)"""
+    zooms = _load_nifti(Path(path)).header.get_zooms()
+    if len(zooms) < 3 or not all(np.isfinite(zooms[:3])) or min(zooms[:3]) <= 0:
+        return None
     return float(zooms[2]), float(zooms[0]), float(zooms[1])
 
 
