@@ -515,7 +515,8 @@ def volume_fingerprints(slices: pd.DataFrame, rejects: pd.DataFrame, root: Path)
 
     A volume's files are the images discovery found for it (every modality file of a NIfTI case) and the
     files it rejected as that volume's. Masks are left out, since inference never reads them, except the
-    rejected ones: a mask fixed brings its slice back. Discovery has just read every file, so hashing them again mostly reads the page cache.
+    rejected ones: a mask fixed brings its slice back. Discovery has just read every file, so hashing
+    them again mostly reads the page cache.
     """
     from raysegm.data.io import PATH_SEPARATOR
 

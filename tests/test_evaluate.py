@@ -316,5 +316,6 @@ def test_nifti_cases_get_hd95_in_mm_from_their_headers(tmp_path):
         everywhere = np.ones_like(truth)  # (slice, row, column) = (Z, X, Y)
         assert scores.loc[case, "hd95"] == pytest.approx(hd95(everywhere, truth))
         assert scores.loc[case, "hd95_mm"] == pytest.approx(hd95(everywhere, truth, spacing))
-    assert scores.loc["a", "hd95_mm"] != pytest.approx(hd95(np.ones_like(truths["a"][0]), truths["a"][0], (2.0, 0.5, 3.0)))
+    swapped = hd95(np.ones_like(truths["a"][0]), truths["a"][0], (2.0, 0.5, 3.0))  # the header's order
+    assert scores.loc["a", "hd95_mm"] != pytest.approx(swapped)
     assert summary["per_patient"]["hd95_mm"]["mean"] == pytest.approx(scores["hd95_mm"].mean())

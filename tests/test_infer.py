@@ -536,7 +536,8 @@ def test_tta_run_from_and_to_uris(ray_session, archive, checkpoint, tmp_path):
     model, _ = load_model(checkpoint)
     with torch.no_grad():
         x = torch.from_numpy(images)
-        probs = (torch.sigmoid(model(x)) + torch.flip(torch.sigmoid(model(torch.flip(x, dims=[-1]))), dims=[-1]))[:, 0] / 2
+        flipped = torch.flip(torch.sigmoid(model(torch.flip(x, dims=[-1]))), dims=[-1])
+        probs = (torch.sigmoid(model(x)) + flipped)[:, 0] / 2
     by_slice = rows.set_index(["volume_id", "slice_index"])
     for i, key in enumerate(zip(truth["volume_id"], truth["slice_index"])):
         _assert_mask_is(by_slice.loc[key, "mask"], probs[i])
