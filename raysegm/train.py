@@ -382,7 +382,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             log.info(f"resumed from the checkpoint of epoch {start_epoch}")
 
-    val_counts = (load_manifest(loop_config["manifest_path"]).query("split == 'val'")
+    val_counts = (load_manifest(loop_config["manifest_path"]).query("split == 'val' and labeled")
                   .groupby("volume_id").size().to_dict())
     per_worker_batch = t.batch_size // world_size
     train_shard = ray.train.get_dataset_shard("train")

@@ -532,14 +532,30 @@ def test_load_slice_on_an_int16_nifti_volume_uses_its_statistics(tmp_path):
     assert abs(scaled.mean() - 0.5) < 0.05
 
 
+def test_unlabeled_slices_are_left_out_but_stay_neighbours(ray_session, synth_manifest, capsys):
+    data = DataSettings(size=64, context_slices=1)
+    rows = synth_manifest[synth_manifest["split"] == "val"].sort_values(["volume_id", "slice_index"])
+    missing = (rows["volume_id"].iloc[0], int(rows["slice_index"].iloc[3]))  # a mask gone from one slice
+    unlabeled = synth_manifest.copy()
+    gone = (unlabeled["volume_id"] == missing[0]) & (unlabeled["slice_index"] == missing[1])
+    unlabeled.loc[gone, ["labeled", "mask_path"]] = [False, None]
+    out = _collect(build_dataset(unlabeled, "val", data, augment=False))
+    assert "split 'val': 1 unlabeled slices have no mask" in capsys.readouterr().out
+    keys = list(zip(out["volume_id"], out["slice_index"].tolist()))
+    assert missing not in keys and len(keys) == len(rows) - 1
+    whole = _collect(build_dataset(synth_manifest, "val", data, augment=False))
+    by_key = dict(zip(zip(whole["volume_id"], whole["slice_index"].tolist()), whole["image"]))
+    for i, key in enumerate(keys):  # the slices beside the unlabeled one still see it as a neighbour
+        np.testing.assert_array_equal(out["image"][i], by_key[key])
+
+
 def test_bad_splits_are_errors(synth_manifest):
     with pytest.raises(ValueError, match="no slices"):
         build_dataset(synth_manifest, "holdout", DataSettings(size=64), augment=False)
     unlabeled = synth_manifest.copy()
-    unlabeled.loc[unlabeled.index[0], ["labeled", "mask_path"]] = [False, None]
-    split = unlabeled["split"].iloc[0]
-    with pytest.raises(ValueError, match="unlabeled"):
-        build_dataset(unlabeled, split, DataSettings(size=64), augment=False)
+    unlabeled[["labeled", "mask_path"]] = [False, None]
+    with pytest.raises(ValueError, match="split 'val' has no labeled slice"):
+        build_dataset(unlabeled, "val", DataSettings(size=64), augment=False)
     with pytest.raises(ValueError, match="clip_percentiles"):
         build_dataset(synth_manifest, "train", DataSettings(normalize="volume_zscore", clip_percentiles=(1.0, 99.0)),
                       augment=False)

@@ -227,8 +227,10 @@ def build_dataset(manifest: pd.DataFrame, split: str, data: DataSettings, *, aug
 
     Rows: image float32 (C, S, S), mask float32 (1, S, S), volume_id str, slice_index int32, with
     S = data.size and C = data.model_channels. `augment` applies to the "train" split only; callers pass
-    data.augment. Raises ValueError for an empty split, a split holding unlabeled slices, or
-    data.clip_percentiles other than the manifest statistics' where those statistics are used.
+    data.augment. Unlabeled slices (an image without its mask) are left out with a printed note, as
+    raysegm.evaluate leaves them out; they still serve as 2.5D neighbours. Raises ValueError for a split
+    with no labeled slice, or data.clip_percentiles other than the manifest statistics' where those
+    statistics are used.
     """
     import ray.data
 
@@ -237,15 +239,20 @@ def build_dataset(manifest: pd.DataFrame, split: str, data: DataSettings, *, aug
     rows = manifest[manifest["split"] == split]
     if rows.empty:
         raise ValueError(f"split {split!r} has no slices (splits present: {sorted(manifest['split'].unique())})")
-    unlabeled = rows[~rows["labeled"].astype(bool)]
-    if len(unlabeled):
-        raise ValueError(f"split {split!r} has {len(unlabeled)} unlabeled slices (first: "
-                         f"{unlabeled['image_path'].iloc[0]}); training and validation need masks")
+    labeled = rows["labeled"].astype(bool)
+    if not labeled.any():
+        raise ValueError(f"split {split!r} has no labeled slice (first: {rows['image_path'].iloc[0]}): "
+                         "training and validation need masks")
+    if not labeled.all():
+        print(f"split {split!r}: {int((~labeled).sum())} unlabeled slices have no mask to learn or score "
+              f"against and are left out (first: {rows.loc[~labeled, 'image_path'].iloc[0]}); they still "
+              "serve as neighbours", flush=True)
     uses_stats = data.normalize == "volume_zscore" or (rows["source_format"] == "nifti").any()
     if uses_stats and tuple(data.clip_percentiles) != STATS_PERCENTILES:
         raise ValueError(f"data.clip_percentiles {tuple(data.clip_percentiles)}: the manifest's volume "
                          f"statistics are at the {STATS_PERCENTILES} percentiles")
-    rows = with_context(rows.reset_index(drop=True), data.context_slices)
+    rows = with_context(rows.reset_index(drop=True), data.context_slices)  # neighbours from every slice
+    rows = rows[rows["labeled"].astype(bool)].reset_index(drop=True)
     training = split == "train"
     if training:
         rows = oversample_tumor(rows, data.tumor_oversample, seed)
