@@ -183,9 +183,14 @@ def save_ensemble(directory: str | Path, members: list[str | Path]) -> Path:
     return save_checkpoint(directory, SeedEnsemble(list(models)), config)
 
 
+class UnreadableTrainingState(ValueError):
+    """A training state file that cannot be read: empty or cut short (an interrupted upload)."""
+
+
 def training_checkpoint_problem(directory: str | Path) -> str | None:
-    """Why a training checkpoint folder cannot be used (a file missing, or cut short by an interrupted
-    upload), or None when its weights header, config and training state all read."""
+    """Why a training checkpoint folder cannot be used (a file missing, or its weights or config cut
+    short by an interrupted upload), or None when they read. The training state itself is checked where
+    it is read: load_training_state raises UnreadableTrainingState for one cut short."""
     from safetensors import safe_open
 
     directory = Path(directory)
@@ -196,9 +201,6 @@ def training_checkpoint_problem(directory: str | Path) -> str | None:
         with safe_open(str(directory / WEIGHTS), framework="pt"):  # checks the header covers the file
             pass
         json.loads((directory / CONFIG).read_text())
-        torch.load(directory / TRAINING_STATE, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return None  # complete, but refused: load_training_state says why
     except Exception as error:
         return f"unreadable ({type(error).__name__}: {error})"
     return None
@@ -217,7 +219,8 @@ def load_training_state(directory: str | Path) -> dict | None:
             f"(only tensors, numbers, strings, lists and dicts are loaded): {error}"
         ) from error
     except Exception as error:  # truncated or empty
-        raise ValueError(f"{path}: unreadable training state ({type(error).__name__}: {error})") from error
+        raise UnreadableTrainingState(
+            f"{path}: unreadable training state ({type(error).__name__}: {error})") from error
 
 
 def model_id(directory: str | Path) -> str:

@@ -410,15 +410,18 @@ def trial_outcome(run_dir: Path) -> dict | None:
     checkpoint is the kept one with the highest validation per-patient Dice (the earlier on a tie).
     Checkpoint folders with a file missing or cut short (an interrupted upload) are passed over, named.
     """
-    from raysegm.checkpoint import load_training_state, training_checkpoint_problem
+    from raysegm.checkpoint import UnreadableTrainingState, load_training_state, training_checkpoint_problem
 
     kept = {}
     for folder in sorted(Path(run_dir).glob("checkpoint_*")):
         problem = training_checkpoint_problem(folder)
+        try:
+            state = None if problem else load_training_state(folder)  # read once; a pickled one is refused
+        except UnreadableTrainingState as error:
+            problem = str(error)
         if problem:
             print(f"{folder}: passed over: {problem}", flush=True)
             continue
-        state = load_training_state(folder)
         kept[int(state["epoch"])] = (folder, state)
     if not kept:
         return None
