@@ -114,15 +114,16 @@ def _slice_numbers(folder: Path, images: dict[str, Path], masks: dict[str, Path]
         numbers, taken = {}, {}  # stem -> k, k -> the file that has it
         for stem, path in sorted(images.items(), key=lambda item: (len(item[0]), item[0])):
             match = pattern.match(stem)
-            reason = (None if match and path.suffix.lower() in (".tif", ".tiff") else
-                      f"name does not follow the kaggle_3m pattern {folder.name}_<k>.tif")
-            if reason is None and int(match.group(1)) in taken:  # _1 and _01
-                reason = f"slice number {int(match.group(1))} is also {taken[int(match.group(1))].name}"
-            if reason is not None:
-                mask = masks.get(stem)
-                rejects.add(path, reason + (f"; its mask {mask.name} is left out with it" if mask else ""), volume_id)
+            number = int(match.group(1)) if match else None
+            if not (match and path.suffix.lower() in (".tif", ".tiff")):
+                reason = f"name does not follow the kaggle_3m pattern {folder.name}_<k>.tif"
+            elif number in taken:  # _1 and _01
+                reason = f"slice number {number} is also {taken[number].name}"
+            else:
+                numbers[stem], taken[number] = number, path
                 continue
-            numbers[stem], taken[int(match.group(1))] = int(match.group(1)), path
+            mask = masks.get(stem)
+            rejects.add(path, reason + (f"; its mask {mask.name} is left out with it" if mask else ""), volume_id)
         return numbers, True
     trailing = {stem: TRAILING_NUMBER.search(stem) for stem in images}
     if all(trailing.values()) and len({int(m.group(1)) for m in trailing.values()}) == len(images):
