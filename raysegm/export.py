@@ -108,7 +108,7 @@ def _is_nifti(path) -> bool:
 
 
 def flair_grey(paths: list[Path], slice_index: int) -> np.ndarray:
-    """The FLAIR channel (channel 1) of a source slice as (H, W) uint8 for display.
+    """The FLAIR channel (channel 1; a grayscale file's only one) of a source slice as (H, W) uint8.
 
     2D slices are uint8 already; volume slices are scaled from their 0.5 and 99.5 percentiles.
     """
@@ -118,7 +118,8 @@ def flair_grey(paths: list[Path], slice_index: int) -> np.ndarray:
         flair = read_nifti_image_slice(PATH_SEPARATOR.join(str(p) for p in paths), slice_index)[..., 1]
         low, high = np.percentile(flair, (0.5, 99.5))
         return np.clip((flair - low) / max(high - low, 1e-6) * 255.0, 0, 255).astype(np.uint8)
-    return read_slice_file(paths[0])[..., 1]
+    image = read_slice_file(paths[0])
+    return image[..., 1 if image.shape[-1] == 3 else 0]
 
 
 def overlay(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:

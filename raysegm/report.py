@@ -230,7 +230,7 @@ def plot_overlay(slices: list[dict], title: str, path: Path, threshold: float = 
     figure, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.9), squeeze=False)
     for axis, index in zip(axes[0], shown):
         item = slices[index]
-        flair = item["image"][..., FLAIR].astype(np.float32)
+        flair = item["image"][..., FLAIR if item["image"].shape[-1] > FLAIR else 0].astype(np.float32)
         low, high = np.percentile(flair, [1, 99.5])
         axis.imshow(np.clip((flair - low) / max(high - low, 1e-6), 0, 1), cmap="gray")
         prediction = item["probability"] > threshold

@@ -224,12 +224,28 @@ def test_image_folder_layout(tmp_path):
     assert set(slices["source_format"]) == {"image"} and slices["institution"].isna().all()
     row = a.iloc[1].to_dict()
     image = read_image(row)
-    assert image.shape == (24, 20, 3) and image.dtype == np.uint8
-    for channel in range(3):
-        np.testing.assert_array_equal(image[..., channel], gray + 7)  # grayscale copied into 3 channels
+    assert image.shape == (24, 20, 1) and image.dtype == np.uint8  # grayscale stays one channel
+    np.testing.assert_array_equal(image[..., 0], gray + 7)
+    assert a["channels"].tolist() == [1, 1, 1] and b["channels"].tolist() == [3, 3]
     np.testing.assert_array_equal(read_mask(row), mask // 255)
     assert read_mask(a.iloc[0].to_dict()) is None
     np.testing.assert_array_equal(read_image(b.iloc[0].to_dict()), rgb)
+
+
+def test_a_volume_mixing_grayscale_and_rgb_slices_keeps_its_first_count(tmp_path):
+    root = tmp_path / "scan"
+    root.mkdir()
+    gray = np.full((8, 8), 40, np.uint8)
+    Image.fromarray(gray).save(root / "img_1.png")
+    Image.fromarray(np.stack([gray] * 3, axis=-1)).save(root / "img_2.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "img_2_mask.png")
+    Image.fromarray(gray).save(root / "img_3.png")
+    slices, rejects = discover(root)
+    assert slices["slice_index"].tolist() == [1, 3] and slices["channels"].tolist() == [1, 1]
+    assert rejects["path"].str.endswith("img_2.png").tolist() == [True]
+    assert rejects["reason"].iloc[0] == ("3 channels where img_1.png of the same volume has 1; slice left out "
+                                         "with its mask img_2_mask.png")
+    assert (rejects["volume_id"].iloc[0], int(rejects["slice_index"].iloc[0])) == ("scan", 2)
 
 
 def test_image_folder_without_distinct_numbers_takes_natural_order(tmp_path):

@@ -657,6 +657,18 @@ def test_channel_mismatch_is_an_error(archive, tmp_path):
     with pytest.raises(ValueError, match=r"\[3\] channels but checkpoint .* trained on 1"):
         infer(single, archive[0], tmp_path / "out", SETTINGS)
     assert not (tmp_path / "out").exists()
+    # a grayscale file is not copied into the three channels a 3-channel model takes
+    from PIL import Image
+
+    gray = tmp_path / "gray" / "case"
+    gray.mkdir(parents=True)
+    Image.fromarray(np.full((SIZE, SIZE), 90, np.uint8)).save(gray / "img_1.png")
+    torch.manual_seed(0)
+    three = save_checkpoint(tmp_path / "three", create_model(tiny_config().model, in_channels=3), tiny_config())
+    with pytest.raises(ValueError, match=r"1 slices have \[1\] channels but checkpoint .* trained on 3 "
+                                         r"\(e.g. .*img_1.png\)"):
+        infer(three, gray.parent, tmp_path / "out", SETTINGS)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_folder_that_is_not_an_inference_output_is_refused(archive, untrained_checkpoint, tmp_path):

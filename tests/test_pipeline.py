@@ -549,6 +549,28 @@ def test_unlabeled_slices_are_left_out_but_stay_neighbours(ray_session, synth_ma
         np.testing.assert_array_equal(out["image"][i], by_key[key])
 
 
+def test_grayscale_slices_train_as_one_channel_and_never_as_three(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "gray" / "case"
+    root.mkdir(parents=True)
+    image = np.arange(20 * 20, dtype=np.uint8).reshape(20, 20)
+    mask = np.zeros((20, 20), np.uint8)
+    mask[4:9, 6:12] = 255
+    for k in (1, 2):
+        Image.fromarray(image + k).save(root / f"img_{k}.png")
+        Image.fromarray(mask).save(root / f"img_{k}_mask.png")
+    manifest, rejects = prepare(root.parent, tmp_path / "manifest.parquet")
+    assert rejects.empty and manifest["channels"].tolist() == [1, 1]
+    manifest["split"] = "train"
+    with pytest.raises(ValueError, match=r"split 'train': 2 slices have \[1\] channels, data.in_channels is 3 "
+                                         r"\(first: .*img_1.png\)"):
+        build_dataset(manifest, "train", DataSettings(size=16), augment=False)
+    pixels, target = load_slice(manifest.iloc[0].to_dict(), DataSettings(size=20, in_channels=1))
+    np.testing.assert_allclose(pixels, (image + 1)[None] / np.float32(255), rtol=1e-6)  # at its size: no resize
+    np.testing.assert_array_equal(target[0], mask // 255)
+
+
 def test_bad_splits_are_errors(synth_manifest):
     with pytest.raises(ValueError, match="no slices"):
         build_dataset(synth_manifest, "holdout", DataSettings(size=64), augment=False)

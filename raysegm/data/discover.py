@@ -175,6 +175,12 @@ def _discover_folder(folder: Path, files: list[Path], data_dir: Path, rejects: _
             rejects.add(error.path, error.reason + (f"; slice left out with its mask {mask_path.name}"
                                                     if mask_path else ""), volume_id, numbers[stem])
             continue
+        if slices and image.shape[2] != slices[0]["channels"]:  # one volume, one channel count
+            rejects.add(image_path, f"{image.shape[2]} channels where {Path(slices[0]['image_path']).name} of "
+                                    f"the same volume has {slices[0]['channels']}; slice left out"
+                                    + (f" with its mask {mask_path.name}" if mask_path else ""),
+                        volume_id, numbers[stem])
+            continue
         mask = None
         if mask_path is not None:
             try:

@@ -4,9 +4,10 @@ Every reader raises `DataError` (a ValueError) whose message names the file and 
 file is reported the same way by discovery, by the Ray Data pipeline and by inference.
 
 What a reader returns:
-- 2D slice files (tif, png; the `kaggle_3m` and `image` layouts): (H, W, 3) uint8. A single-channel
-  (grayscale) file is taken as FLAIR and copied into the three channels, as `kaggle_3m` does for a
-  missing sequence. Other channel counts and other dtypes are errors.
+- 2D slice files (tif, png; the `kaggle_3m` and `image` layouts): (H, W, C) uint8 with C = 3 (RGB) or
+  1 (grayscale), as stored: a grayscale file is never copied into three channels, so a model trained
+  on three refuses it rather than segmenting a converted image. Other channel counts and other dtypes
+  are errors.
 - NIfTI volumes: slice `k` along the last spatial axis, as (H, W, 3) float32 raw values (int16 and float
   volumes are scaled later by the preprocessing, never rejected). H is the volume's first axis, W its
   second, so stacking the masks of slices 0..Z-1 on the last axis gives back the volume's geometry.
@@ -100,16 +101,14 @@ def _decode_2d(path: Path) -> np.ndarray:
 
 
 def read_slice_file(path: str | Path) -> np.ndarray:
-    """One 2D image file as (H, W, 3) uint8; grayscale is copied into the three channels."""
+    """One 2D image file as (H, W, C) uint8: C = 3 for RGB, 1 for grayscale (never converted)."""
     path = Path(path)
     pixels = _decode_2d(path)
-    if pixels.ndim == 3 and pixels.shape[-1] == 1:
-        pixels = pixels[..., 0]
     if pixels.ndim == 2:
-        pixels = np.repeat(pixels[..., None], 3, axis=-1)
+        pixels = pixels[..., None]
     if pixels.ndim != 3:
         raise DataError(path, f"wrong dimensions {pixels.shape} (expected H x W or H x W x 3)")
-    if pixels.shape[-1] != 3:
+    if pixels.shape[-1] not in (1, 3):
         raise DataError(path, f"wrong channel count {pixels.shape[-1]} (expected 1 or 3)")
     if pixels.dtype != np.uint8:
         raise DataError(path, f"dtype {pixels.dtype} (2D slice files must be uint8)")
@@ -225,9 +224,10 @@ def read_nifti_image_slice(image_path: str, slice_index: int) -> np.ndarray:
 
 
 def read_image(record: Mapping) -> np.ndarray:
-    """The image of one manifest row (image_path, slice_index, source_format) as (H, W, 3).
+    """The image of one manifest row (image_path, slice_index, source_format) as (H, W, C).
 
-    uint8 for 2D slice files, float32 raw values for NIfTI volume slices.
+    uint8 for 2D slice files (C = 3, or 1 for a grayscale file), float32 raw values for NIfTI volume
+    slices (C = 3).
     """
     if record["source_format"] == "nifti":
         return read_nifti_image_slice(str(record["image_path"]), int(record["slice_index"]))

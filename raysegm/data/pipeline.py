@@ -229,8 +229,8 @@ def build_dataset(manifest: pd.DataFrame, split: str, data: DataSettings, *, aug
     S = data.size and C = data.model_channels. `augment` applies to the "train" split only; callers pass
     data.augment. Unlabeled slices (an image without its mask) are left out with a printed note, as
     raysegm.evaluate leaves them out; they still serve as 2.5D neighbours. Raises ValueError for a split
-    with no labeled slice, or data.clip_percentiles other than the manifest statistics' where those
-    statistics are used.
+    with no labeled slice, slices whose channel count is not data.in_channels, or data.clip_percentiles
+    other than the manifest statistics' where those statistics are used.
     """
     import ray.data
 
@@ -247,6 +247,12 @@ def build_dataset(manifest: pd.DataFrame, split: str, data: DataSettings, *, aug
         print(f"split {split!r}: {int((~labeled).sum())} unlabeled slices have no mask to learn or score "
               f"against and are left out (first: {rows.loc[~labeled, 'image_path'].iloc[0]}); they still "
               "serve as neighbours", flush=True)
+    if "channels" in rows.columns:  # never converted: a grayscale slice does not become three channels
+        odd = rows[rows["channels"].astype(int) != data.in_channels]
+        if len(odd):
+            raise ValueError(f"split {split!r}: {len(odd)} slices have {sorted(set(odd['channels'].astype(int)))} "
+                             f"channels, data.in_channels is {data.in_channels} (first: "
+                             f"{odd['image_path'].iloc[0]})")
     uses_stats = data.normalize == "volume_zscore" or (rows["source_format"] == "nifti").any()
     if uses_stats and tuple(data.clip_percentiles) != STATS_PERCENTILES:
         raise ValueError(f"data.clip_percentiles {tuple(data.clip_percentiles)}: the manifest's volume "
