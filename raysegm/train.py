@@ -48,7 +48,7 @@ from raysegm.storage import replace_atomically
 
 VAL_METRIC = "val_per_patient_dice"  # mean over validation patients of the per-patient Dice
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_per_patient_dice", "val_pooled_dice",
-                   "val_per_slice_mean_dice", "lr", "epoch_time_s", "train_images_per_s")
+                   "val_per_slice_mean_dice", "lr", "epoch_time_s", "train_images_per_s", "compute_dtype")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SCHEDULES = ("none", "cosine")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -393,12 +393,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lr = optimizer.param_groups[0]["lr"]
         model.train()
         loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of per-image loss, images) for the global mean
+        compute_dtype = ""  # of the model's output in training: what autocast really ran (history only)
         for batch in train_shard.iter_batches(batch_size=per_worker_batch, batch_format="numpy"):
             # A copy (Ray's arrays are read-only), in the model's memory format.
             images = torch.tensor(batch["image"], device=device).contiguous(memory_format=memory_format)
             masks = torch.tensor(batch["mask"], device=device)
             with autocast(t.precision, device):
-                loss = loss_fn(model(images), masks)
+                logits = model(images)
+                loss = loss_fn(logits, masks)
+            compute_dtype = str(logits.dtype).removeprefix("torch.")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -424,7 +427,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         row = {"epoch": epoch, "train_loss": train_loss, **val, "lr": lr,
                "epoch_time_s": time.perf_counter() - started,
                "train_images_per_s": float(loss_sum[1]) / max(train_time, 1e-9)}
-        history[epoch] = row  # a redone epoch replaces its row
+        history[epoch] = {**row, "compute_dtype": compute_dtype}  # a redone epoch replaces its row
         log.info(f"epoch {epoch}/{t.epochs}  loss {train_loss:.4f}  val per-patient Dice {row[VAL_METRIC]:.4f}  "
                  f"pooled {row['val_pooled_dice']:.4f}  per-slice mean {row['val_per_slice_mean_dice']:.4f}  "
                  f"{row['epoch_time_s']:.1f} s")

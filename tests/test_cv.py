@@ -69,6 +69,50 @@ def test_a_uri_storage_path_is_refused_before_any_folder(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # no local folder named s3:
 
 
+def _constant_checkpoint(directory: Path, manifest: Path, logit: float) -> str:
+    """A width-4 U-Net at 32 px whose every logit is `logit`: all tumor (+) or all background (-)."""
+    import torch
+
+    from raysegm.checkpoint import save_checkpoint
+    from raysegm.config import from_dict
+    from raysegm.models import create_model
+
+    config = from_dict({"data": {"size": 32, "manifest": str(manifest)},
+                        "model": {"variant": "unet", "unet_width": 4, "unet_depth": 2}})
+    model = create_model(config.model, in_channels=3).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(logit)
+    return str(save_checkpoint(directory, model, config))
+
+
+def test_each_fold_is_scored_by_its_final_checkpoint_not_its_best(tmp_path, synth_dir):
+    """The fold's best checkpoint predicts tumor everywhere, its final one nowhere: the scores must be
+    the final one's (per patient: 1 for a tumor-free patient, else 0)."""
+    from raysegm.cv import write_summary
+    from raysegm.data.discover import prepare
+    from raysegm.data.io import read_mask
+
+    config = replace(tiny_config(tmp_path, synth_dir), data={"folds": 2},
+                     infer={"tta": False, "postprocess": "none"})
+    expected = {}
+    for fold in (0, 1):
+        run = tmp_path / "cv" / f"fold-{fold}"
+        manifest, _ = prepare(synth_dir, run / "data" / "manifest.parquet", folds=2, fold=fold)
+        result = {"best_checkpoint": _constant_checkpoint(run / "best", run / "data" / "manifest.parquet", 10.0),
+                  "latest_checkpoint": _constant_checkpoint(run / "latest", run / "data" / "manifest.parquet", -10.0)}
+        (run / "result.json").write_text(json.dumps(result))
+        for volume_id, rows in manifest[manifest["split"] == "val"].groupby("volume_id"):
+            expected[volume_id] = 0.0 if any(read_mask(r).any() for r in rows.to_dict("records")) else 1.0
+    assert len(expected) == 6
+    summary = write_summary(tmp_path / "cv", [0, 1], config)
+    table = pd.read_csv(tmp_path / "cv" / "per_patient.csv").set_index("volume_id")
+    assert table["dice"].to_dict() == expected
+    assert summary["per_patient"]["dice"]["mean"] == pytest.approx(sum(expected.values()) / 6)
+    assert [row["checkpoint"] for row in summary["per_fold"]] == [
+        str(tmp_path / "cv" / f"fold-{fold}" / "latest") for fold in (0, 1)]
+
+
 @pytest.mark.slow
 def test_three_folds_score_every_patient_once_and_resume_keeps_them(tmp_path, synth_dir, ray_session):
     config = tiny_config(tmp_path, synth_dir)

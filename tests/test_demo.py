@@ -15,6 +15,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from raysegm.checkpoint import model_id
 from raysegm.cli import main
 
 RAYSEGM = str(Path(sys.executable).with_name("raysegm"))
@@ -77,6 +78,8 @@ def test_quick_demo_runs_and_prints_where_its_outputs_are(tmp_path):
     holdout = out / "holdout" / "kaggle_3m"
     rows = pd.read_parquet(masks)
     assert len(rows) == 16 and set(rows["status"]) == {"ok"}
+    best_checkpoint = results.loc[results["val_dice"].idxmax(), "checkpoint"]
+    assert set(rows["model"]) == {model_id(best_checkpoint)}  # written by that trial's checkpoint
     assert rows["volume_id"].nunique() == 2
     assert set(rows["volume_id"]) == {p.name for p in holdout.iterdir() if p.is_dir()}
 

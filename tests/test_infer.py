@@ -365,28 +365,38 @@ def _assert_mask_is(mask: np.ndarray, probs: torch.Tensor) -> None:
     np.testing.assert_array_equal(mask[decided], (probs > 0.5).numpy()[decided])
 
 
-def test_predictor_without_ray_matches_the_model_by_hand(untrained_checkpoint, archive):
+def test_predictor_without_ray_matches_the_model_by_hand(archive, tmp_path):
     images, _ = _training_arrays(archive[0], tiny_config())
     images = images[:4]
-    model, _ = load_model(untrained_checkpoint)
-    with torch.no_grad():
+    torch.manual_seed(1)
+    model = create_model(tiny_config().model, 3).eval()
+    with torch.no_grad():  # logits centred and spread: about half of the pixels tumor, few near 0.5
+        model.head.bias -= model(torch.from_numpy(images)).median()
+        model.head.weight *= 300
+        model.head.bias *= 300
         probs = torch.sigmoid(model(torch.from_numpy(images)))[:, 0]
         flipped = torch.flip(torch.sigmoid(model(torch.flip(torch.from_numpy(images), dims=[-1]))), dims=[-1])[:, 0]
-    predictor = SegmentationPredictor(untrained_checkpoint, InferSettings(), device="cpu")
+    centred = save_checkpoint(tmp_path / "centred", model, tiny_config())
+    assert 0.2 < float((probs > 0.5).float().mean()) < 0.8
+    predictor = SegmentationPredictor(centred, InferSettings(), device="cpu")
     rows = predictor(_batch(images, [(SIZE, SIZE)] * 3 + [(100, 80)], status=["ok", "ok", "error", "ok"]))
     assert list(rows.columns) == SCHEMA.names
-    assert (rows["model"] == model_id(untrained_checkpoint)).all()
+    assert (rows["model"] == model_id(centred)).all()
     for i in (0, 1):
         mask = decode_mask_png(rows["mask_png"][i])
         _assert_mask_is(mask, probs[i])
         assert rows["tumor_pixels"][i] == mask.sum()
         assert rows["max_prob"][i] == pytest.approx(float(probs[i].max()), abs=1e-5)
     assert rows["mask_png"][2] == b"" and np.isnan(rows["max_prob"][2]) and rows["status"][2] == "error"
-    assert decode_mask_png(rows["mask_png"][3]).shape == (100, 80)  # back at the slice's own size
+    # back at the slice's own size: the probabilities resized (bilinear), then thresholded
+    resized = torch.nn.functional.interpolate(probs[3][None, None], size=(100, 80), mode="bilinear")[0, 0]
+    _assert_mask_is(decode_mask_png(rows["mask_png"][3]), resized)
 
-    tta = SegmentationPredictor(untrained_checkpoint, {**InferSettings().__dict__, "tta": True}, device="cpu")
+    tta = SegmentationPredictor(centred, {**InferSettings().__dict__, "tta": True}, device="cpu")
     rows = tta(_batch(images[:1], [(SIZE, SIZE)]))
-    _assert_mask_is(decode_mask_png(rows["mask_png"][0]), (probs[0] + flipped[0]) / 2)
+    averaged = (probs[0] + flipped[0]) / 2
+    assert ((averaged > 0.5) != (probs[0] > 0.5)).float().mean() > 0.01  # the flip changes the mask
+    _assert_mask_is(decode_mask_png(rows["mask_png"][0]), averaged)
 
 
 def test_predictor_on_an_ensemble_checkpoint_averages_its_members(untrained_checkpoint, checkpoint, archive, tmp_path):

@@ -114,6 +114,9 @@ def test_torch_tensors_and_thresholds_are_accepted():
     meter = SegmentationMeter()
     meter.update(["A"], [0], prob, truth)  # P = prob > 0.5: 0.5 itself is background
     assert meter.per_slice_table()[["tp", "fp", "fn", "tn"]].iloc[0].tolist() == [2, 0, 1, 1]
+    lower = SegmentationMeter(threshold=0.3)
+    lower.update(["A"], [0], prob, truth)  # P = prob > 0.3: 0.5 is tumor now, 0.2 still not
+    assert lower.per_slice_table()[["tp", "fp", "fn", "tn"]].iloc[0].tolist() == [3, 0, 0, 1]
 
 
 @pytest.mark.parametrize(

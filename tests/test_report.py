@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -162,3 +163,6 @@ def test_the_report_renders_in_headless_chromium(tmp_path_factory, tmp_path):
     with Image.open(screenshot) as image:
         image.verify()
         assert image.format == "PNG" and image.size == (1280, 4000)
+    with Image.open(screenshot) as image:  # a page with text and figures, not a blank or an error page
+        grey = np.asarray(image.convert("L"), dtype=np.float32)
+    assert grey.std() > 10 and (grey < 128).mean() > 0.01

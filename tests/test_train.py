@@ -325,6 +325,9 @@ def test_bf16_channels_last_trains_like_fp32(demo_run, tmp_path):
     print(f"epoch-1 train loss: fp32 {fp32['train_loss'].iloc[0]:.4f}, bf16 + channels_last "
           f"{history['train_loss'].iloc[0]:.4f}")
     assert history["train_loss"].iloc[0] == pytest.approx(fp32["train_loss"].iloc[0], rel=0.03)
+    # what the loop's forward passes returned: autocast ran in bf16, and the fp32 run did not
+    assert history["compute_dtype"].tolist() == ["bfloat16", "bfloat16"]
+    assert set(fp32["compute_dtype"]) == {"float32"}
     assert history["train_loss"].iloc[1] < history["train_loss"].iloc[0]
     latest = Path(summary["latest_checkpoint"])
     weights = load_file(str(latest / WEIGHTS))
