@@ -53,11 +53,12 @@ a folder of error rows would hide it.
 
 Input: a local path, or a URI pyarrow reads (`s3://`, `gs://`, `file://`, ...). A URI input is copied
 whole to a local staging folder first (discovery validates every byte anyway), and its read tasks are
-pinned to the driver's node where that copy lives; `source` names the original URI. A local input must
-be visible at the same path on every node (a shared mount) on a multi-node cluster. Output: a local path
-or a URI (written through pyarrow.fs; on object stores the "rename" is a copy of a whole object, which
-is never visible half-written). The checkpoint's files are shipped to the model replicas by value, so it
-needs to exist on the driver's machine only.
+pinned to the driver's node where that copy lives (asking for no CPU where that node offers tasks
+none, as `cluster.yaml`'s head; infer.read_tasks still bounds them); `source` names the original URI.
+A local input must be visible at the same path on every node (a shared mount) on a multi-node cluster.
+Output: a local path or a URI (written through pyarrow.fs; on object stores the "rename" is a copy of a
+whole object, which is never visible half-written). The checkpoint's files are shipped to the model
+replicas by value, so it needs to exist on the driver's machine only.
 """
 
 from __future__ import annotations
@@ -630,6 +631,14 @@ def object_store_budget(settings: InferSettings, data: DataSettings) -> int:
     return max(32 * 2**20, 8 * settings.replicas * batch_bytes)
 
 
+def _node_cpus(node_id: str) -> float:
+    """The CPUs a live Ray node offers to tasks (0 where it offers none)."""
+    import ray
+
+    return next((node["Resources"].get("CPU", 0.0) for node in ray.nodes()
+                 if node["NodeID"] == node_id and node["Alive"]), 0.0)
+
+
 def _dataset(slices: pd.DataFrame, files: dict, data: DataSettings, settings: InferSettings, pin_reads: bool):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -646,15 +655,16 @@ def _dataset(slices: pd.DataFrame, files: dict, data: DataSettings, settings: In
     dataset.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
         object_store_memory=object_store_budget(settings, data))
     dataset.context.enable_progress_bars = sys.stderr.isatty()
-    read_args = {}
-    if pin_reads:
+    read_args = {"num_cpus": settings.read_cpus}
+    if pin_reads:  # a staged URI input lies on the driver's node only
         node = ray.get_runtime_context().get_node_id()
         read_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+        if not _node_cpus(node):  # cluster.yaml's head: it runs the drivers and offers tasks no CPU
+            read_args["num_cpus"] = 0
     return (
         dataset
         .map_batches(read_slices, fn_kwargs={"data": to_dict(data)}, batch_size=None, batch_format="pandas",
-                     compute=ray.data.TaskPoolStrategy(size=settings.read_tasks or None),
-                     num_cpus=settings.read_cpus, **read_args)
+                     compute=ray.data.TaskPoolStrategy(size=settings.read_tasks or None), **read_args)
         .map_batches(SegmentationPredictor, batch_size=settings.batch_size, batch_format="numpy",
                      fn_constructor_kwargs={"checkpoint": files, "settings": dataclasses.asdict(settings),
                                             "torch_threads": settings.torch_threads},

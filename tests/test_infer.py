@@ -736,3 +736,23 @@ def test_killed_job_rerun_gives_every_slice_exactly_once(tmp_path):
     assert not [p for p in output.iterdir() if p.name.startswith(TEMP_PREFIX)]
     assert len(_parts(output)) == 10 and (output / METADATA).is_file()
     shutil.rmtree(output)
+
+
+@pytest.mark.slow
+def test_a_uri_input_is_read_on_a_driver_node_that_offers_no_cpus(untrained_checkpoint, tmp_path):
+    """cluster.yaml's head offers no CPUs to tasks and runs the job drivers. A URI input is staged on the
+    driver's node and read there, so its reads must not wait for CPUs that node will never offer."""
+    from raycluster import LocalRayCluster
+
+    root = generate_dataset(tmp_path / "kaggle_3m", patients=2, slices=4, size=SIZE, seed=5)
+    output = tmp_path / "out"
+    with LocalRayCluster(head_cpus=0) as cluster:
+        cluster.add_node("worker", num_cpus=2)
+        proc = subprocess.run([sys.executable, "-m", "raysegm", "infer", "--checkpoint", str(untrained_checkpoint),
+                               "--input", root.as_uri(), "--output", str(output)],
+                              env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "URI inputs are staged locally" in proc.stdout
+    rows = pd.read_parquet(output)
+    assert len(rows) == 8 and (rows["status"] == "ok").all()
+    assert rows["source"].str.startswith(root.as_uri().rstrip("/") + "/").all()
