@@ -507,6 +507,7 @@ def write_results(study_dir: str | Path) -> pd.DataFrame:
             "pixel_accuracy": summary["pooled"]["accuracy"],
             "precision": pp["precision"]["mean"],
             "recall": pp["recall"]["mean"],
+            "specificity": pp["specificity"]["mean"],
             "hd95": pp["hd95"]["mean"],
             "train_time_s": float(sum(epoch_row["epoch_time_s"] for epoch_row in history)),
             "params_total": total, "params_trainable": trainable,
@@ -665,9 +666,9 @@ def _get(row, key):
 
 METRIC_NOTE = (
     "Per-patient Dice: each test patient's slices stacked as one volume; mean over patients with a 95% "
-    "percentile bootstrap interval (2000 resamples), and the median. IoU, precision, recall and HD95 "
-    "(pixels) are per-patient means; pooled Dice and pixel accuracy sum every pixel of the test split. "
-    "Each trial is scored with its checkpoint of best validation per-patient Dice. Tumor-free patients "
+    "percentile bootstrap interval (2000 resamples), and the median. IoU, precision, recall, "
+    "specificity and HD95 (pixels) are per-patient means; pooled Dice and pixel accuracy sum every pixel "
+    "of the test split. Each trial is scored with its checkpoint of best validation per-patient Dice. Tumor-free patients "
     "score 1 or 0 and are counted beside the means.\n"
 )
 
@@ -676,7 +677,7 @@ def results_markdown(results: pd.DataFrame, extra_keys=()) -> str:
     """results.md: one row per trial."""
     header = ["trial", "status", "model", "encoder", "batch", "loss", *extra_keys,
               "per-patient Dice [95% CI]", "median", "IoU", "pooled Dice", "pixel acc.", "precision",
-              "recall", "HD95", "best epoch", "epochs", "train time (s)", "params (total/trainable)",
+              "recall", "specificity", "HD95", "best epoch", "epochs", "train time (s)", "params (total/trainable)",
               "test patients (tumor-free)"]
     rows = []
     for _, row in results.iterrows():
@@ -688,7 +689,8 @@ def results_markdown(results: pd.DataFrame, extra_keys=()) -> str:
                      *[row[k] for k in extra_keys],
                      _with_ci(_get(row, "dice_mean"), _get(row, "dice_ci_low"), _get(row, "dice_ci_high")),
                      *[_get(row, k) for k in ("dice_median", "iou_mean", "pooled_dice", "pixel_accuracy",
-                                              "precision", "recall", "hd95", "best_epoch", "epochs_completed")],
+                                              "precision", "recall", "specificity", "hd95", "best_epoch",
+                                              "epochs_completed")],
                      None if _get(row, "train_time_s") is None else f"{row['train_time_s']:.1f}",
                      params, patients])
     return "# Ablation results (test split)\n\n" + markdown_table(header, rows) + "\n" + METRIC_NOTE

@@ -331,6 +331,8 @@ def test_a_study_writes_one_complete_row_per_trial(study):
         assert row.dice_median == pytest.approx(patients["dice"].median())
         assert (row.dice_ci_low, row.dice_ci_high) == pytest.approx(bootstrap_ci(patients["dice"].to_numpy()))
         assert row.tumor_free_patients == int((~patients["has_tumor"]).sum())
+        for metric in ("recall", "specificity"):  # the contract's other per-patient metrics, as means
+            assert getattr(row, metric) == pytest.approx(patients[metric].mean())
         trial_curve = curves[curves["trial_id"] == row.trial_id].sort_values("epoch")
         assert trial_curve["epoch"].tolist() == list(range(1, row.epochs_completed + 1))
         assert row.train_time_s == pytest.approx(trial_curve["epoch_time_s"].sum())
