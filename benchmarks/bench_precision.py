@@ -5,7 +5,7 @@
 The preset's model, loss and optimizer take the same optimizer steps on the same random batches
 (bright squares a quarter of the side wide, in noise) in one process, four ways: fp32 or bf16 autocast
 (train.precision), NCHW or NHWC (train.channels_last). Every way starts from the same initial weights;
-the loss after the timed steps says whether the faster arithmetic still trains the same model. One
+the loss at the last timed step says whether the faster arithmetic still trains the same model. One
 thread is what each Ray Train worker of the CPU presets runs (scale.torch_threads). bf16 is fast only on
 CPUs with native bf16 instructions (avx512_bf16, AMX); elsewhere it can be slower than fp32.
 """
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         rate, loss = run(initial, config, data, precision, channels_last)
         base_rate = base_rate or rate
         layout = "NHWC" if channels_last else "NCHW"
-        print(f"{precision} {layout}  {rate:7.1f} images/s  x{rate / base_rate:4.2f}  loss after {args.steps} "
-              f"steps {loss:.4f}")
+        print(f"{precision} {layout}  {rate:7.1f} images/s  x{rate / base_rate:4.2f}  loss at step "
+              f"{args.steps} {loss:.4f}")
     return 0
 
 

@@ -9,7 +9,9 @@ Bare loop: one process with as many torch threads as the Ray run uses in total
 (num_workers x torch_threads), the same model, loss, optimizer, autocast (train.precision), memory
 format (train.channels_last), global batch and oversampled, shuffled training rows; each batch is read
 and augmented inline by the very function Ray Data runs (raysegm.data.pipeline.load_slices), then one
-optimizer step. "compute only" repeats the steps on batches prepared beforehand, the ceiling for any
+optimizer step. Both sides decode every slice on every epoch (data.read_cache_mb=0): the bare loop's
+one process would otherwise hit its cache on every slice after the first epoch, where Ray's read
+workers each hold only the rows that happened to land on them. "compute only" repeats the steps on batches prepared beforehand, the ceiling for any
 data pipeline, and once more on one thread: on a machine whose cores are oversubscribed, OpenMP threads
 waiting on each other can make several threads slower than one.
 """
@@ -96,6 +98,7 @@ def bare_throughput(config: ExperimentConfig, epochs: int) -> tuple[float, float
             step(images, masks)
         compute_only.append(len(order) / (time.perf_counter() - started))
     torch.set_num_threads(1)
+    step(*batches[0])  # untimed: the first step on one thread
     started = time.perf_counter()
     for images, masks in batches:
         step(images, masks)
@@ -110,11 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first epoch pays for start-up and is left out")
     from raysegm.data.discover import manifest_for
+    from raysegm.train import check_settings
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as storage:
         config = replace(load_config(args.config, args.overrides), train={"epochs": args.epochs},
-                         run={"name": "bench", "storage_path": storage})
+                         data={"read_cache_mb": 0}, run={"name": "bench", "storage_path": storage})
+        if config.scale.use_gpu:
+            parser.error("the bare loop runs on the CPU: give a CPU config (or --set scale.use_gpu=false)")
+        check_settings(config)  # before the bare loop, so a bad setting fails at once
         manifest_for(config.data, Path(storage) / "data")  # both paths train on this one manifest
         manifest = config.data.manifest or str(Path(storage) / "data" / "manifest.parquet")
         config = replace(config, data={"manifest": manifest})
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config.model.variant} at {config.data.size} px, global batch {config.train.batch_size}, "
               f"{config.train.precision}, channels_last {config.train.channels_last}, {args.epochs} epochs; "
               f"Ray: {s.num_workers} workers x {s.torch_threads} torch threads at {s.cpus_per_worker} CPU; "
-              f"bare loop: {s.num_workers * s.torch_threads} threads; "
+              f"bare loop: {s.num_workers * s.torch_threads} threads; no read cache on either side; "
               f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
         # The bare loop first: a Ray instance winding down would compete for the cores.
         bare_rate, compute_rate, one_thread_rate = bare_throughput(config, args.epochs)
