@@ -69,6 +69,7 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
     may change train.epochs and how the run runs (scale, RUN_ONLY), not what it trains.
     """
     check_settings(config)
+    config = absolute_paths(config)
     storage_path = Path(config.run.storage_path).expanduser().resolve()
     run_dir = storage_path / config.run.name
     if resume and not holds_run(run_dir):
@@ -173,7 +174,8 @@ def _train_ensemble(config: ExperimentConfig, run_dir: Path) -> dict:
     best = save_ensemble(run_dir / "ensemble-best", [m["best_checkpoint"] for m in members])
     latest = save_ensemble(run_dir / "ensemble-latest", [m["latest_checkpoint"] for m in members])
     # The ensemble's own validation figures, measured as each epoch's are (no TTA, no post-processing).
-    _, meter = score_checkpoint(best, manifest=Path(members[0]["run_dir"]) / "data" / "manifest.parquet", split="val")
+    manifest = config.data.manifest or Path(members[0]["run_dir"]) / "data" / "manifest.parquet"
+    _, meter = score_checkpoint(best, manifest=manifest, split="val")
     scores = meter.summary()
     summary = {
         "run_dir": str(run_dir),
@@ -189,6 +191,18 @@ def _train_ensemble(config: ExperimentConfig, run_dir: Path) -> dict:
     print(f"run {config.run.name}: an ensemble of {len(members)} seeds, {VAL_METRIC} of its members' best "
           f"checkpoints averaged {summary['best'][VAL_METRIC]:.4f}; best checkpoint {best}", flush=True)
     return summary
+
+
+def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """data.manifest and a local model.encoder_weights file made absolute, as the driver sees them: Ray
+    Train runs each worker in a folder of its own, where a relative path names nothing."""
+    manifest, weights = config.data.manifest, config.model.encoder_weights
+    return replace(
+        config,
+        data={"manifest": str(Path(manifest).expanduser().resolve()) if manifest else ""},
+        model={"encoder_weights": weights if weights in ("none", "imagenet")
+               else str(Path(weights).expanduser().resolve())},
+    )
 
 
 def run_state(run_dir: Path, epochs: int) -> str:

@@ -46,7 +46,7 @@ import pandas as pd
 
 from raysegm.config import RUN_ONLY, ExperimentConfig, from_dict, replace, save_json, to_dict
 from raysegm.storage import replace_atomically
-from raysegm.train import VAL_METRIC
+from raysegm.train import VAL_METRIC, absolute_paths
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
@@ -181,7 +181,7 @@ def run_study(config: ExperimentConfig, resume: bool = False) -> Path:
 
     if not resume:
         study_dir.mkdir(parents=True, exist_ok=True)
-        config = replace(config, data={"manifest": _resolve_manifest(config, study_dir)},
+        config = replace(absolute_paths(config), data={"manifest": _resolve_manifest(config, study_dir)},
                          run={"storage_path": str(study_dir.parent)})
         save_json(config, study_dir / "config.json")
     axes = " x ".join(f"{len(values)} {key}" for key, values in grid_axes(config).items())

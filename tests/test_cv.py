@@ -181,6 +181,25 @@ def test_an_ensemble_per_fold_trains_each_seed_and_scores_their_average(tmp_path
 
 
 @pytest.mark.slow
+def test_a_relative_manifest_trains_an_ensemble_from_another_folder(tmp_path, synth_dir, ray_session, monkeypatch):
+    """Ray Train runs each worker in a folder of its own: data.manifest relative to where the command
+    runs must still be found, by every member, and by the ensemble's scoring."""
+    from raysegm.data.discover import prepare
+
+    prepare(synth_dir, tmp_path / "prepared" / "manifest.parquet")
+    monkeypatch.chdir(tmp_path)
+    config = replace(tiny_config(tmp_path, synth_dir, name="relative"), train={"ensemble": 2, "epochs": 1},
+                     data={"data_dir": "", "manifest": "prepared/manifest.parquet"})
+    result = train(config)
+    manifest = str(tmp_path / "prepared" / "manifest.parquet")
+    for seed in (0, 1):
+        saved = json.loads((tmp_path / "relative" / f"seed-{seed}" / "config.json").read_text())
+        assert saved["data"]["manifest"] == manifest
+    scored = evaluate_checkpoint(result["best_checkpoint"], split="val", manifest=manifest)
+    assert result["best"]["val_per_patient_dice"] == pytest.approx(scored["per_patient"]["dice"]["mean"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_a_training_run_with_an_ensemble_leaves_one_checkpoint_that_scores_as_its_members(tmp_path, synth_dir, ray_session):
     from raysegm.storage import best_checkpoint_of
 
