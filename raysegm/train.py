@@ -82,6 +82,7 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
     if config.train.ensemble > 1:
         return _train_ensemble(config, run_dir)
     _ensure_ray(config.scale)
+    check_worker_resources(config.scale)
     from raysegm.data.discover import manifest_for
 
     work_dir = run_dir / "data"
@@ -247,6 +248,29 @@ def _ensure_ray(scale) -> None:
         # Progress bars and execution plans written to a log are noise per epoch; our epoch lines say enough.
         DataContext.get_current().enable_progress_bars = False
         DataContext.get_current().print_on_execution_start = False
+
+
+def check_worker_resources(scale) -> None:
+    """Refuse Train workers that the Ray reached without an address can never place: Ray Train V2 would
+    wait for them forever (its controller retries a placement timeout without limit). A cluster reached
+    by address (scale.ray_address, RAY_ADDRESS) may grow, so it is left to Ray."""
+    import ray
+
+    if scale.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    per_worker = {"CPU": scale.cpus_per_worker, **scale.worker_resources}
+    if scale.use_gpu:
+        per_worker["GPU"] = scale.gpus_per_worker
+    have = ray.cluster_resources()
+    short = {key: value * scale.num_workers for key, value in per_worker.items()
+             if have.get(key, 0.0) < value * scale.num_workers}
+    if short:
+        wanted = ", ".join(f"{value:g} {key}" for key, value in short.items())
+        held = ", ".join(f"{have.get(key, 0.0):g} {key}" for key in short)
+        raise ValueError(f"{scale.num_workers} Train workers need {wanted} in all, and this Ray has {held} "
+                         f"(scale.use_gpu asks for GPUs; scale.worker_resources for custom resources): "
+                         f"lower scale.num_workers or the per-worker request, or give scale.ray_address "
+                         f"of a cluster that has them")
 
 
 def build_trainer(config: ExperimentConfig, *, manifest_path: str, run_name: str, storage_path: str,

@@ -46,7 +46,7 @@ import pandas as pd
 
 from raysegm.config import RUN_ONLY, ExperimentConfig, from_dict, replace, save_json, to_dict
 from raysegm.storage import replace_atomically
-from raysegm.train import VAL_METRIC, absolute_paths
+from raysegm.train import VAL_METRIC, absolute_paths, check_worker_resources
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
@@ -177,6 +177,7 @@ def run_study(config: ExperimentConfig, resume: bool = False) -> Path:
     grid = check_study(config)
     callbacks = _tune_callbacks(config)
     _ensure_ray(config.scale)
+    check_worker_resources(config.scale)
     _warn_if_data_cannot_run(config)
 
     if not resume:

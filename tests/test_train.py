@@ -175,6 +175,19 @@ def test_a_folder_holding_a_run_needs_resume(tmp_path):
         train(replace(config, run={"name": "never-started"}), resume=True)
 
 
+def test_workers_this_ray_cannot_place_are_refused_before_any_folder(ray_session, tmp_path, monkeypatch):
+    """Ray Train V2 would wait for them forever; the shared local Ray has 4 CPUs and no GPU."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = demo_config(tmp_path, "unplaceable")
+    with pytest.raises(ValueError, match=r"2 Train workers need 2 GPU in all, and this Ray has 0 GPU"):
+        train(replace(config, scale={"use_gpu": True}))
+    with pytest.raises(ValueError, match=r"need 2 node7 in all, and this Ray has 0 node7"):
+        train(replace(config, scale={"worker_resources": {"node7": 1}}))
+    with pytest.raises(ValueError, match=r"need 6 CPU in all, and this Ray has 4 CPU"):
+        train(replace(config, scale={"cpus_per_worker": 3}))
+    assert not (tmp_path / "unplaceable").exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # slow: real TorchTrainer fits on a shared local Ray
 
