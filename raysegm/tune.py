@@ -132,6 +132,9 @@ def check_study(config: ExperimentConfig) -> list[dict]:
     if config.train.ensemble != 1:
         raise ValueError(f"train.ensemble {config.train.ensemble}: a study's trial trains one model; set "
                          "train.ensemble=1 (raysegm cv measures an ensemble)")
+    if config.tune.max_concurrent_trials < 1:
+        raise ValueError(f"tune.max_concurrent_trials must be at least 1 (trials at once), got "
+                         f"{config.tune.max_concurrent_trials}")
     if not config.tune.trial_cpus > 0:
         raise ValueError(f"tune.trial_cpus must be above 0 (Ray refuses 0), got {config.tune.trial_cpus}")
     grid = []
@@ -178,7 +181,7 @@ def run_study(config: ExperimentConfig, resume: bool = False) -> Path:
     callbacks = _tune_callbacks(config)
     _ensure_ray(config.scale)
     check_worker_resources(config.scale)
-    _warn_if_data_cannot_run(config)
+    _check_data_can_run(config)
 
     if not resume:
         study_dir.mkdir(parents=True, exist_ok=True)
@@ -269,20 +272,23 @@ def _start_local_ray(num_cpus: int, quiet: bool) -> None:
     ray.init(**options)
 
 
-def _warn_if_data_cannot_run(config: ExperimentConfig) -> None:
+def _check_data_can_run(config: ExperimentConfig) -> None:
     """Ray Data's random_shuffle of the training split runs 1-CPU tasks: they wait forever when the
-    trials' Train workers and Tune functions leave less than one CPU of the cluster free."""
+    trials' Train workers and Tune functions leave less than one CPU of the cluster free. An error on
+    a Ray reached without an address (it will not grow), a warning on a cluster (it may)."""
     import ray
 
     s, t = config.scale, config.tune
     held = t.max_concurrent_trials * (t.trial_cpus + s.num_workers * s.cpus_per_worker)
     free = ray.cluster_resources().get("CPU", 0.0) - held
     if free < 1:
-        print(f"warning: {t.max_concurrent_trials} trial(s) at once hold {held:g} of the cluster's "
-              f"{ray.cluster_resources().get('CPU', 0.0):g} CPUs, leaving {free:g}: the training data's "
-              f"shuffle tasks need 1 CPU and will wait until the cluster grows (lower "
-              f"scale.cpus_per_worker or tune.max_concurrent_trials, or start Ray with more logical CPUs)",
-              file=sys.stderr, flush=True)
+        message = (f"{t.max_concurrent_trials} trial(s) at once hold {held:g} of the cluster's "
+                   f"{ray.cluster_resources().get('CPU', 0.0):g} CPUs, leaving {free:g}: the training data's "
+                   f"shuffle tasks need 1 CPU (lower scale.cpus_per_worker or tune.max_concurrent_trials, or "
+                   f"start Ray with more logical CPUs)")
+        if not (s.ray_address or os.environ.get("RAY_ADDRESS")):
+            raise ValueError(message)
+        print(f"warning: {message}; they will wait until the cluster grows", file=sys.stderr, flush=True)
 
 
 def _resolve_manifest(config: ExperimentConfig, study_dir: Path) -> str:

@@ -120,6 +120,7 @@ def test_the_default_grid_is_the_designs_24_trials():
     (["scale.num_workers=2", "tune.batch_sizes=[4, 5]"], "must split evenly across scale.num_workers 2"),
     (["tune.asha=true", "tune.asha_grace_epochs=3"], "asha_grace_epochs must be between 1 and train.epochs"),
     (["train.ensemble=2"], "a study's trial trains one model"),
+    (["tune.max_concurrent_trials=0"], "max_concurrent_trials must be at least 1"),
 ])
 def test_a_study_that_cannot_run_is_refused_before_ray(tmp_path, overrides, message):
     config = tiny_config(tmp_path, "refused", *overrides)
@@ -173,6 +174,16 @@ def test_a_resumed_study_takes_new_read_settings_and_keeps_what_it_measures(tmp_
                                   "trial_cpus": 0.5})
     with pytest.raises(ValueError, match=r"tune.max_concurrent_trials .*, tune.trial_cpus"):
         _resumed_config(tmp_path / "held", fewer)
+
+
+def test_trials_that_leave_the_data_no_cpu_are_refused_on_a_local_ray(ray_session, tmp_path, monkeypatch):
+    """6 trials at once hold 6 x (0.01 + 0.5) of the shared local Ray's 4 CPUs: the shuffle's 1-CPU
+    tasks would wait forever on a Ray that will not grow."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = tiny_config(tmp_path, "crowded", "tune.max_concurrent_trials=6")
+    with pytest.raises(ValueError, match=r"6 trial\(s\) at once hold 3.06 of the cluster's 4 CPUs, leaving 0.94"):
+        run_study(config)
+    assert not (tmp_path / "crowded").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow is installed here")
