@@ -3,9 +3,10 @@
     ray job submit --working-dir . -- python jobs/ablate.py --config configs/ablation-demo.yaml \
         --set run.storage_path=/mnt/shared/studies [--resume]
 
-Under `ray job submit` the driver starts in a temporary copy of the working directory, so give
-`run.storage_path` as an absolute path every node can reach. With RAY_ADDRESS set (as it is for a
-submitted job) the study joins that cluster; otherwise it starts a local Ray, like `raysegm tune`.
+Under `ray job submit --working-dir` the driver starts in a temporary copy of the working
+directory, so `run.storage_path` must be an absolute path every node can reach; a relative one is
+refused. With RAY_ADDRESS set (as it is for a submitted job) the study joins that cluster; otherwise
+it starts a local Ray, like `raysegm tune`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working directory's raysegm, uninstalled
 
 from raysegm.config import load_config, replace  # noqa: E402
+from raysegm.storage import check_job_outputs  # noqa: E402
 from raysegm.tune import run_study  # noqa: E402
 
 
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        check_job_outputs(**{"run.storage_path": config.run.storage_path})
         if os.environ.get("RAY_ADDRESS") and not config.scale.ray_address:
             config = replace(config, scale={"ray_address": "auto"})
         study_dir = run_study(config, resume=args.resume)

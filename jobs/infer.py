@@ -3,7 +3,8 @@
 [--postprocess lcc]`.
 
 Calls the same `raysegm.infer.infer` as `raysegm infer`; under `ray job submit` (RAY_ADDRESS is set) it
-joins the cluster, otherwise it starts a local Ray.
+joins the cluster, otherwise it starts a local Ray. With `--working-dir` the driver starts in a temporary
+copy of that directory, so `--output` must be an absolute path every node can reach, or a URI.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dire
 
 from raysegm.config import POSTPROCESS, load_config  # noqa: E402
 from raysegm.infer import infer  # noqa: E402
+from raysegm.storage import check_job_outputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        check_job_outputs(**{"--output": args.output})
         infer(args.checkpoint, args.input, args.output, config.infer, tta=args.tta, postprocess=args.postprocess,
               ray_address=args.address)
     except (ValueError, FileNotFoundError, FileExistsError) as error:

@@ -19,6 +19,21 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(location).resolve())
 
 
+def check_job_outputs(**locations: str) -> None:
+    """Refuse relative output locations in a job submitted with a working directory (`ray job submit
+    --working-dir`): its driver runs in a temporary copy of that directory, on the head node only,
+    which a later submission replaces, so a relative run folder or output would be written there."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    if not (job.get("runtime_env") or {}).get("working_dir"):
+        return
+    relative = [f"{name} {value!r}" for name, value in locations.items()
+                if "://" not in value and not Path(value).expanduser().is_absolute()]
+    if relative:
+        raise ValueError(f"{', '.join(relative)} is relative, and this job runs in a temporary copy of its "
+                         f"working directory ({os.getcwd()}): give an absolute path every node can reach "
+                         f"(a shared mount)")
+
+
 def replace_atomically(path: str | Path, write) -> None:
     """Call `write(temporary)` on a hidden temporary file beside local `path`, then rename it to `path`.
 

@@ -110,6 +110,22 @@ def test_wrong_token_is_refused(cluster, working_dir, tmp_path):
     assert listing.returncode == 0, listing.stderr
 
 
+def test_a_relative_output_in_a_submitted_job_is_refused(cluster, working_dir):
+    """The driver runs in a temporary copy of the working directory: a relative run folder or output
+    would land there, on the head only. Each job says so and exits 2 before anything runs."""
+    for entrypoint, named in ((["python", "jobs/train.py", "--config", "configs/demo.yaml"],
+                               "run.storage_path 'runs'"),
+                              (["python", "jobs/ablate.py", "--set", "run.storage_path=studies"],
+                               "run.storage_path 'studies'"),
+                              (["python", "jobs/infer.py", "--checkpoint", "/nowhere", "--input", "/nowhere",
+                                "--output", "masks"], "--output 'masks'")):
+        proc = cluster.submit(entrypoint, working_dir=str(working_dir), timeout=300)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0, _readable(output)
+        assert f"{named} is relative, and this job runs in a temporary copy of its working directory" in output
+    assert not (working_dir / "runs").exists() and not (working_dir / "studies").exists()
+
+
 @pytest.fixture(scope="module")
 def ablation_study(cluster, working_dir, tmp_path_factory) -> Path:
     storage = tmp_path_factory.mktemp("runs")
