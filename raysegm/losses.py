@@ -30,7 +30,10 @@ class DiceLoss(nn.Module):
     """Soft Dice over the whole batch (as Buda et al.): 1 - (2 sum(p g) + 1) / (sum p + sum g + 1), p = sigmoid.
 
     Summing over the batch rather than per image means a batch without tumor still pays for predicted
-    tumor (smp's DiceLoss skips classes absent from the batch and returns 0 there).
+    tumor (smp's DiceLoss skips classes absent from the batch and returns 0 there). In data-parallel
+    training each Train worker sums over its own share of the global batch (train.batch_size /
+    scale.num_workers slices) and DDP averages the workers' gradients, so with 2 workers the Dice term
+    is that of two half batches, not of the whole one.
     """
 
     smooth = 1.0
