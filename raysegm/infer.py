@@ -54,7 +54,7 @@ a folder of error rows would hide it.
 Input: a local path, or a URI pyarrow reads (`s3://`, `gs://`, `file://`, ...). A URI input is copied
 whole to a local staging folder first (discovery validates every byte anyway), and its read tasks are
 pinned to the driver's node where that copy lives (asking for no CPU where that node offers tasks
-none, as `cluster.yaml`'s head; infer.read_tasks still bounds them); `source` names the original URI.
+none, as `cluster.yaml`'s head; infer.read_tasks bounds them, 0 does not); `source` names the URI.
 A local input must be visible at the same path on every node (a shared mount) on a multi-node cluster.
 Output: a local path or a URI (written through pyarrow.fs; on object stores the "rename" is a copy of a
 whole object, which is never visible half-written). The checkpoint's files are shipped to the model

@@ -79,10 +79,10 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
     if not resume and holds_run(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume "
                               f"(resume=True) or choose another run.name")
+    _ensure_ray(config.scale)
+    check_worker_resources(config.scale)  # before any folder is made
     if config.train.ensemble > 1:
         return _train_ensemble(config, run_dir)
-    _ensure_ray(config.scale)
-    check_worker_resources(config.scale)
     from raysegm.data.discover import manifest_for
 
     work_dir = run_dir / "data"
@@ -194,16 +194,31 @@ def _train_ensemble(config: ExperimentConfig, run_dir: Path) -> dict:
     return summary
 
 
+# The settings that name a local file, and the values of each that do not: made absolute on the driver.
+PATH_SETTINGS = {("data", "manifest"): ("",), ("model", "encoder_weights"): ("", "none", "imagenet")}
+
+
+def _absolute(value: str, not_paths: tuple[str, ...]) -> str:
+    return value if value in not_paths else str(Path(value).expanduser().resolve())
+
+
 def absolute_paths(config: ExperimentConfig) -> ExperimentConfig:
     """data.manifest and a local model.encoder_weights file made absolute, as the driver sees them: Ray
     Train runs each worker in a folder of its own, where a relative path names nothing."""
-    manifest, weights = config.data.manifest, config.model.encoder_weights
-    return replace(
-        config,
-        data={"manifest": str(Path(manifest).expanduser().resolve()) if manifest else ""},
-        model={"encoder_weights": weights if weights in ("none", "imagenet")
-               else str(Path(weights).expanduser().resolve())},
-    )
+    changes: dict[str, dict] = {}
+    for (section, key), not_paths in PATH_SETTINGS.items():
+        changes.setdefault(section, {})[key] = _absolute(getattr(getattr(config, section), key), not_paths)
+    return replace(config, **changes)
+
+
+def absolute_saved_paths(saved: dict) -> dict:
+    """A saved config.json's PATH_SETTINGS made absolute the same way (a folder saved before they were),
+    so that a resume compares like with like."""
+    saved = {name: dict(values) if isinstance(values, dict) else values for name, values in saved.items()}
+    for (section, key), not_paths in PATH_SETTINGS.items():
+        if isinstance(saved.get(section), dict) and isinstance(saved[section].get(key), str):
+            saved[section][key] = _absolute(saved[section][key], not_paths)
+    return saved
 
 
 def run_state(run_dir: Path, epochs: int) -> str:
@@ -219,6 +234,7 @@ def _check_resumable(saved: dict, config: ExperimentConfig, path: Path) -> None:
     # synthetic set), also found in a run folder moved since: only another manifest counts as a change.
     from raysegm.data.discover import is_own_manifest
 
+    saved = absolute_saved_paths(saved)
     saved_manifest = saved.get("data", {}).get("manifest", "")
     if not config.data.manifest or all(is_own_manifest(m, config.run.name)
                                        for m in (saved_manifest, config.data.manifest)):

@@ -46,7 +46,7 @@ import pandas as pd
 
 from raysegm.config import RUN_ONLY, ExperimentConfig, from_dict, replace, save_json, to_dict
 from raysegm.storage import replace_atomically
-from raysegm.train import VAL_METRIC, absolute_paths, check_worker_resources
+from raysegm.train import VAL_METRIC, absolute_paths, absolute_saved_paths, check_worker_resources
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
@@ -173,7 +173,7 @@ def run_study(config: ExperimentConfig, resume: bool = False) -> Path:
     if resume:
         if not (study_dir / "config.json").is_file():
             raise FileNotFoundError(f"nothing to resume: {study_dir} holds no study")
-        config = _resumed_config(study_dir, config)
+        config = _resumed_config(study_dir, absolute_paths(config))
     elif study_dir.exists() and any(study_dir.iterdir()):
         raise FileExistsError(f"{study_dir} already holds a study: continue it with --resume (resume=True) "
                               f"or choose another run.name")
@@ -181,7 +181,7 @@ def run_study(config: ExperimentConfig, resume: bool = False) -> Path:
     callbacks = _tune_callbacks(config)
     _ensure_ray(config.scale)
     check_worker_resources(config.scale)
-    _check_data_can_run(config)
+    _check_data_can_run(config, trials=len(grid))
 
     if not resume:
         study_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ def _flat(values: dict, prefix: str = "") -> dict:
 
 
 def _resumed_config(study_dir: Path, config: ExperimentConfig) -> ExperimentConfig:
-    saved = from_dict(json.loads((study_dir / "config.json").read_text()))
+    saved = from_dict(absolute_saved_paths(json.loads((study_dir / "config.json").read_text())))
     before, after = _flat(to_dict(saved)), _flat(to_dict(config))
     changed = sorted(key for key in before
                      if before[key] != after.get(key) and not key.startswith(RESUMABLE_KEYS))
@@ -272,17 +272,18 @@ def _start_local_ray(num_cpus: int, quiet: bool) -> None:
     ray.init(**options)
 
 
-def _check_data_can_run(config: ExperimentConfig) -> None:
+def _check_data_can_run(config: ExperimentConfig, trials: int) -> None:
     """Ray Data's random_shuffle of the training split runs 1-CPU tasks: they wait forever when the
     trials' Train workers and Tune functions leave less than one CPU of the cluster free. An error on
     a Ray reached without an address (it will not grow), a warning on a cluster (it may)."""
     import ray
 
     s, t = config.scale, config.tune
-    held = t.max_concurrent_trials * (t.trial_cpus + s.num_workers * s.cpus_per_worker)
+    at_once = min(t.max_concurrent_trials, trials)
+    held = at_once * (t.trial_cpus + s.num_workers * s.cpus_per_worker)
     free = ray.cluster_resources().get("CPU", 0.0) - held
     if free < 1:
-        message = (f"{t.max_concurrent_trials} trial(s) at once hold {held:g} of the cluster's "
+        message = (f"{at_once} trial(s) at once hold {held:g} of the cluster's "
                    f"{ray.cluster_resources().get('CPU', 0.0):g} CPUs, leaving {free:g}: the training data's "
                    f"shuffle tasks need 1 CPU (lower scale.cpus_per_worker or tune.max_concurrent_trials, or "
                    f"start Ray with more logical CPUs)")
@@ -294,12 +295,14 @@ def _check_data_can_run(config: ExperimentConfig) -> None:
 def _resolve_manifest(config: ExperimentConfig, study_dir: Path) -> str:
     """Prepare (or load) the manifest once for every trial; the test split must not be empty."""
     from raysegm.data.discover import manifest_for
+    from raysegm.data.pipeline import check_channels
 
     work_dir = study_dir / "data"
     manifest = manifest_for(config.data, work_dir)
     manifest_path = config.data.manifest or str(work_dir / "manifest.parquet")
     if not (manifest["split"] == "test").any():
         raise ValueError(f"{manifest_path}: the study needs test patients, the manifest has none")
+    check_channels(manifest, config.data, manifest_path)  # here, not in every trial
     return str(Path(manifest_path).resolve())
 
 

@@ -123,7 +123,7 @@ def test_a_relative_output_in_a_submitted_job_is_refused(cluster, working_dir):
         output = proc.stdout + proc.stderr
         assert proc.returncode != 0, _readable(output)
         assert f"{named} is relative, and this job runs in a temporary copy of its working directory" in output
-    assert not (working_dir / "runs").exists() and not (working_dir / "studies").exists()
+        assert "Traceback" not in output  # refused by the job itself, exit 2, before any Ray work
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,25 @@ def test_a_resume_may_lengthen_the_run_but_not_change_what_it_trains(tmp_path):
     _check_resumable(to_dict(saved), moved, run_dir / "config.json")
 
 
+def test_paths_are_made_absolute_and_a_folder_saved_with_relative_ones_still_resumes(tmp_path, monkeypatch):
+    from raysegm.train import _check_resumable, absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = replace(demo_config(tmp_path, "relative"), data={"manifest": "prep/m.parquet"},
+                     model={"variant": "unet_resnet50", "encoder": "resnet18", "encoder_weights": "w.safetensors"})
+    absolute = absolute_paths(config)
+    assert absolute.data.manifest == str(tmp_path / "prep" / "m.parquet")
+    assert absolute.model.encoder_weights == str(tmp_path / "w.safetensors")
+    for not_a_path in ("", "none", "imagenet"):  # "" is "none" to the encoder loader: not the current folder
+        assert absolute_paths(replace(config, model={"encoder_weights": not_a_path})).model.encoder_weights == not_a_path
+    assert absolute_paths(replace(config, data={"manifest": ""})).data.manifest == ""
+    # a folder saved before paths were made absolute: the same relative paths resume, other ones do not
+    _check_resumable(to_dict(config), absolute, tmp_path / "config.json")
+    with pytest.raises(ValueError, match="model.encoder_weights"):
+        _check_resumable(to_dict(config), replace(absolute, model={"encoder_weights": "/elsewhere/w.safetensors"}),
+                         tmp_path / "config.json")
+
+
 @pytest.mark.parametrize(("section", "values", "message"), [
     ("train", {"precision": "fp16"}, "fp16 needs CUDA"),
     ("train", {"optimizer": "sgd"}, "train.optimizer must be one of"),

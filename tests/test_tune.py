@@ -176,6 +176,20 @@ def test_a_resumed_study_takes_new_read_settings_and_keeps_what_it_measures(tmp_
         _resumed_config(tmp_path / "held", fewer)
 
 
+def test_a_study_saved_with_absolute_paths_resumes_from_the_same_relative_ones(tmp_path, monkeypatch):
+    from raysegm.train import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    # an invalid setting that only the check after the resume comparison refuses: proof it was passed
+    config = tiny_config(tmp_path, "relative", "model.encoder_weights=w.safetensors", "tune.max_concurrent_trials=0")
+    (tmp_path / "relative").mkdir()
+    save_json(absolute_paths(config), tmp_path / "relative" / "config.json")  # as a new study saves it
+    with pytest.raises(ValueError, match="max_concurrent_trials must be at least 1"):
+        run_study(config, resume=True)
+    with pytest.raises(ValueError, match=r"cannot resume .* model.encoder_weights"):
+        run_study(replace(config, model={"encoder_weights": "other.safetensors"}), resume=True)
+
+
 def test_trials_that_leave_the_data_no_cpu_are_refused_on_a_local_ray(ray_session, tmp_path, monkeypatch):
     """6 trials at once hold 6 x (0.01 + 0.5) of the shared local Ray's 4 CPUs: the shuffle's 1-CPU
     tasks would wait forever on a Ray that will not grow."""

@@ -222,6 +222,16 @@ def tensor_collate():
     return TensorCollate()
 
 
+def check_channels(rows: pd.DataFrame, data: DataSettings, what: str) -> None:
+    """Every slice must have data.in_channels channels: a grayscale slice never becomes three."""
+    if "channels" not in rows.columns:
+        return
+    odd = rows[rows["channels"].astype(int) != data.in_channels]
+    if len(odd):
+        raise ValueError(f"{what}: {len(odd)} slices have {sorted(set(odd['channels'].astype(int)))} channels, "
+                         f"data.in_channels is {data.in_channels} (first: {odd['image_path'].iloc[0]})")
+
+
 def build_dataset(manifest: pd.DataFrame, split: str, data: DataSettings, *, augment: bool, seed: int = 0):
     """A streaming ray.data.Dataset of one split of the manifest (see the module docstring).
 
@@ -247,12 +257,7 @@ def build_dataset(manifest: pd.DataFrame, split: str, data: DataSettings, *, aug
         print(f"split {split!r}: {int((~labeled).sum())} unlabeled slices have no mask to learn or score "
               f"against and are left out (first: {rows.loc[~labeled, 'image_path'].iloc[0]}); they still "
               "serve as neighbours", flush=True)
-    if "channels" in rows.columns:  # never converted: a grayscale slice does not become three channels
-        odd = rows[rows["channels"].astype(int) != data.in_channels]
-        if len(odd):
-            raise ValueError(f"split {split!r}: {len(odd)} slices have {sorted(set(odd['channels'].astype(int)))} "
-                             f"channels, data.in_channels is {data.in_channels} (first: "
-                             f"{odd['image_path'].iloc[0]})")
+    check_channels(rows, data, f"split {split!r}")
     uses_stats = data.normalize == "volume_zscore" or (rows["source_format"] == "nifti").any()
     if uses_stats and tuple(data.clip_percentiles) != STATS_PERCENTILES:
         raise ValueError(f"data.clip_percentiles {tuple(data.clip_percentiles)}: the manifest's volume "
