@@ -38,7 +38,7 @@ def run_cv(config: ExperimentConfig, folds: int | None = None, only: list[int] |
     """Train and score `folds` folds (or the folds listed in `only`); returns the summary dict.
 
     folds: None takes data.folds where the config sets it, else DEFAULT_FOLDS."""
-    from raysegm.train import check_settings, run_state, train
+    from raysegm.train import check_settings, check_worker_resources, ensure_ray, run_state, train
 
     if config.data.manifest:
         raise ValueError("cross-validation splits the patients itself: give data.data_dir (or no data for "
@@ -63,6 +63,8 @@ def run_cv(config: ExperimentConfig, folds: int | None = None, only: list[int] |
         _check_same(json.loads(saved.read_text()), config, saved)
     elif resume:
         raise FileNotFoundError(f"nothing to resume: {cv_dir} holds no cross-validation")
+    ensure_ray(config.scale)
+    check_worker_resources(config.scale)  # before the folder: Train workers this Ray can never place
     cv_dir.mkdir(parents=True, exist_ok=True)
     save_json(config, saved)
 

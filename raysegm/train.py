@@ -79,7 +79,7 @@ def train(config: ExperimentConfig, resume: bool = False) -> dict:
     if not resume and holds_run(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume "
                               f"(resume=True) or choose another run.name")
-    _ensure_ray(config.scale)
+    ensure_ray(config.scale)
     check_worker_resources(config.scale)  # before any folder is made
     if config.train.ensemble > 1:
         return _train_ensemble(config, run_dir)
@@ -251,7 +251,7 @@ def holds_run(run_dir: Path) -> bool:
     return (run_dir / "config.json").is_file() or (run_dir / "checkpoint_manager_snapshot.json").is_file()
 
 
-def _ensure_ray(scale) -> None:
+def ensure_ray(scale) -> None:
     import ray
     from ray.data import DataContext
 

@@ -61,6 +61,14 @@ def test_a_resume_may_change_how_it_runs_but_not_what_it_measures(tmp_path):
         _check_same(saved, replace(config, data={"context_slices": 1, "read_tasks": 1}, infer={"tta": True}), tmp_path)
 
 
+def test_workers_this_ray_cannot_place_are_refused_before_the_cv_folder(tmp_path, synth_dir, ray_session,
+                                                                       monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ValueError, match=r"need 2 GPU in all, and this Ray has 0 GPU"):
+        run_cv(replace(tiny_config(tmp_path, synth_dir), scale={"use_gpu": True}), folds=2)
+    assert not (tmp_path / "cv").exists()
+
+
 def test_a_uri_storage_path_is_refused_before_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = replace(load_config(ROOT / "configs" / "demo.yaml"), run={"storage_path": "s3://bucket/runs"})
