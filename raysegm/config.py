@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -199,11 +200,14 @@ def _coerce(value, annotation, key: str):
             return value
         raise ValueError(f"{key}: expected an integer, got {value!r}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):  # YAML 1.1 reads 1e-4 as a string
-            return float(value)
-        raise ValueError(f"{key}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):  # YAML 1.1 reads 1e-4 as a string
+            number = float(value)
+        if number is None or not math.isfinite(number):  # .nan, .inf and 1e999 are no setting
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value

@@ -616,10 +616,20 @@ def _check_settings(settings: InferSettings) -> None:
         raise ValueError(f"infer.postprocess: unknown {settings.postprocess!r} (expected one of {POSTPROCESS})")
     if settings.precision not in PRECISIONS:
         raise ValueError(f"infer.precision: unknown {settings.precision!r} (expected one of {PRECISIONS})")
-    if settings.batch_size < 1 or settings.replicas < 1 or settings.read_tasks < 0:
-        raise ValueError("infer.batch_size and infer.replicas must be at least 1, infer.read_tasks at least 0")
-    if not 0.0 <= settings.threshold < 1.0:
-        raise ValueError(f"infer.threshold: {settings.threshold} outside [0, 1)")
+    s = settings
+    for key, value, ok, expected in (
+        ("batch_size", s.batch_size, s.batch_size >= 1, "at least 1"),
+        ("replicas", s.replicas, s.replicas >= 1, "at least 1"),
+        ("torch_threads", s.torch_threads, s.torch_threads >= 1, "at least 1"),
+        ("read_tasks", s.read_tasks, s.read_tasks >= 0, "at least 0 (0: Ray decides)"),
+        ("read_cpus", s.read_cpus, s.read_cpus > 0, "above 0"),
+        ("cpus_per_replica", s.cpus_per_replica, s.cpus_per_replica > 0, "above 0"),
+        ("gpus_per_replica", s.gpus_per_replica, s.gpus_per_replica >= 0, "at least 0"),
+        ("object_store_mb", s.object_store_mb, s.object_store_mb >= 0, "at least 0 (0: automatic)"),
+        ("threshold", s.threshold, 0.0 <= s.threshold < 1.0, "in [0, 1)"),
+    ):
+        if not ok:
+            raise ValueError(f"infer.{key} must be {expected}, got {value}")
 
 
 def object_store_budget(settings: InferSettings, data: DataSettings) -> int:

@@ -21,6 +21,8 @@ an unfinished one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -153,6 +155,65 @@ def check_settings(config: ExperimentConfig) -> None:
     if config.data.sequence_dropout and config.data.in_channels != 3:
         raise ValueError("data.sequence_dropout needs the three sequences pre-contrast, FLAIR, post-contrast "
                          f"(data.in_channels 3), got {config.data.in_channels}")
+    _check_numbers(config)
+    _check_model(config)
+
+
+def _check_numbers(config: ExperimentConfig) -> None:
+    """Ranges of the numeric settings that Ray, Ray Data or torch would only refuse inside a worker."""
+    t, s, d, r = config.train, config.scale, config.data, config.run
+    rules = [
+        ("train.lr", t.lr, t.lr > 0, "above 0"),
+        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "at least 0"),
+        ("scale.torch_threads", s.torch_threads, s.torch_threads >= 1, "at least 1"),
+        ("scale.cpus_per_worker", s.cpus_per_worker, s.cpus_per_worker > 0, "above 0"),
+        ("scale.gpus_per_worker", s.gpus_per_worker, s.gpus_per_worker > 0 or not s.use_gpu,
+         "above 0 with scale.use_gpu"),
+        ("data.read_cpus", d.read_cpus, d.read_cpus > 0, "above 0"),
+        ("data.read_tasks", d.read_tasks, d.read_tasks >= 0, "at least 0 (0: no cap)"),
+        ("data.tumor_oversample", d.tumor_oversample, d.tumor_oversample >= 1, "at least 1"),
+        ("data.val_fraction", d.val_fraction, 0 <= d.val_fraction < 1, "in [0, 1)"),
+        ("data.test_fraction", d.test_fraction, 0 <= d.test_fraction < 1 - d.val_fraction,
+         "in [0, 1 - data.val_fraction)"),
+        ("data.folds", d.folds, d.folds == 0 or d.folds >= 2, "0 (a plain split) or at least 2"),
+        ("data.fold", d.fold, 0 <= d.fold < max(d.folds, 1), "in 0..data.folds - 1"),
+        ("run.num_to_keep", r.num_to_keep, r.num_to_keep >= 1, "at least 1"),
+        ("run.max_failures", r.max_failures, r.max_failures >= -1, "at least 0, or -1 for no limit"),
+    ]
+    for key, value, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"{key} must be {expected}, got {value}")
+    for name, amount in s.worker_resources.items():
+        if name in ("CPU", "GPU") or isinstance(amount, bool) or not isinstance(amount, (int, float)) \
+                or not amount > 0:
+            raise ValueError(f"scale.worker_resources maps custom resource names to amounts above 0 (CPUs "
+                             f"and GPUs are scale.cpus_per_worker and use_gpu), got {name}: {amount!r}")
+    if not r.name or r.name in (".", "..") or "/" in r.name or "\\" in r.name:
+        raise ValueError(f"run.name must be one folder name under run.storage_path, got {r.name!r}")
+
+
+def _check_model(config: ExperimentConfig) -> None:
+    """Build the model once on the driver (without downloading weights): a model setting that cannot
+    work is refused here, naming it, instead of failing in every Train worker."""
+    weights = config.model.encoder_weights
+    if weights not in ("", "none", "imagenet") and not Path(weights).expanduser().is_file():
+        raise ValueError(f"model.encoder_weights: file not found: {weights}")
+    problem = _model_problem(dataclasses.replace(config.model, encoder_weights="none"), config.data.model_channels)
+    if problem:
+        raise ValueError(f"model settings {config.model.variant}: {problem}")
+
+
+@functools.lru_cache(maxsize=32)
+def _model_problem(model, in_channels: int) -> str:
+    """The empty string when create_model builds `model`, else the reason (cached: a study checks each
+    trial)."""
+    from raysegm.models import create_model
+
+    try:
+        create_model(model, in_channels=in_channels)
+    except Exception as error:  # the reason is the message; the model code raises what it raises
+        return f"{type(error).__name__}: {error}"
+    return ""
 
 
 def _train_ensemble(config: ExperimentConfig, run_dir: Path) -> dict:

@@ -45,6 +45,8 @@ def test_python_dash_m_is_the_same_cli():
     ("train.epoch=3", "unknown config key(s): train.epoch"),
     ("trian.epochs=3", "unknown config key(s): trian"),
     ("train.epochs", "--set expects key=value, got 'train.epochs'"),
+    ("data.read_cache_mb=.nan", "data.read_cache_mb: expected a finite number, got nan"),
+    ("train.lr=1e999", "train.lr: expected a finite number, got '1e999'"),
 ])
 def test_bad_override_exits_with_a_clear_error(override, message, capsys):
     # In-process: the handler imports torch and Ray before it reads the config, once per process.
@@ -65,7 +67,7 @@ def test_numbers_in_scientific_notation_are_numbers():
 def test_bad_override_from_the_console_script():
     proc = run_cli("train", "--config", "configs/demo.yaml", "--set", "train.lr=fast")
     assert proc.returncode == 2
-    assert proc.stderr.strip().endswith("raysegm train: error: train.lr: expected a number, got 'fast'")
+    assert proc.stderr.strip().endswith("raysegm train: error: train.lr: expected a finite number, got 'fast'")
     assert "Traceback" not in proc.stderr
 
 

@@ -660,6 +660,19 @@ def test_output_of_another_checkpoint_or_other_settings_is_an_error(archive, unt
         OutputFolder(str(tmp_path / "one")).open({**model, "input": "/archive/b"})
 
 
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"torch_threads": 0}, "infer.torch_threads must be at least 1, got 0"),
+    ({"replicas": 0}, "infer.replicas must be at least 1, got 0"),
+    ({"read_cpus": 0.0}, "infer.read_cpus must be above 0, got 0.0"),
+    ({"threshold": 1.0}, r"infer.threshold must be in \[0, 1\), got 1.0"),
+])
+def test_inference_settings_that_cannot_work_are_refused_before_any_output(untrained_checkpoint, archive, tmp_path,
+                                                                          changes, message):
+    with pytest.raises(ValueError, match=message):
+        infer(untrained_checkpoint, archive[0], tmp_path / "out", InferSettings(**changes))
+    assert not (tmp_path / "out").exists()
+
+
 def test_channel_mismatch_is_an_error(archive, tmp_path):
     torch.manual_seed(0)
     config = tiny_config(in_channels=1)

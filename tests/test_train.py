@@ -100,7 +100,6 @@ def test_paths_are_made_absolute_and_a_folder_saved_with_relative_ones_still_res
     ("train", {"batch_size": 7}, "must split evenly across scale.num_workers 2"),
     ("data", {"context_slices": -1}, "data.context_slices must be >= 0"),
     ("data", {"read_cache_mb": -1}, "data.read_cache_mb must be >= 0"),
-    ("data", {"read_cache_mb": float("nan")}, "data.read_cache_mb must be >= 0"),
     ("data", {"intensity_augment": 1.5}, "data.intensity_augment is a probability"),
     ("data", {"sequence_dropout": -0.1}, "data.sequence_dropout is a probability"),
     ("data", {"sequence_dropout": 0.1, "in_channels": 1}, "data.sequence_dropout needs the three sequences"),
@@ -116,6 +115,19 @@ def test_paths_are_made_absolute_and_a_folder_saved_with_relative_ones_still_res
     ("data", {"clip_percentiles": [99.5, 0.5]}, r"data.clip_percentiles must be 0 <= low < high <= 100"),
     ("train", {"schedule": "cosine", "warmup_epochs": 3, "epochs": 3}, "train.warmup_epochs must be >= 0"),
     ("train", {"warmup_epochs": -1}, r"below train.epochs \d+; got -1"),
+    ("train", {"lr": 0.0}, "train.lr must be above 0, got 0.0"),
+    ("train", {"weight_decay": -0.1}, "train.weight_decay must be at least 0, got -0.1"),
+    ("scale", {"torch_threads": 0}, "scale.torch_threads must be at least 1, got 0"),
+    ("scale", {"worker_resources": {"CPU": 1}}, "got CPU: 1"),
+    ("scale", {"worker_resources": {"node2": "abc"}}, "got node2: 'abc'"),
+    ("data", {"tumor_oversample": 0.5}, "data.tumor_oversample must be at least 1, got 0.5"),
+    ("data", {"val_fraction": 1.5}, r"data.val_fraction must be in \[0, 1\), got 1.5"),
+    ("data", {"folds": 5, "fold": 5}, "data.fold must be in 0..data.folds - 1, got 5"),
+    ("data", {"folds": 1}, r"data.folds must be 0 \(a plain split\) or at least 2, got 1"),
+    ("model", {"unet_width": 0}, r"model settings unet: ValueError: UNet: in_channels, width and depth must be >= 1"),
+    ("model", {"variant": "unet_attention", "attention_kernel": 4}, "kernel_size must be odd"),
+    ("model", {"variant": "unet_resnet50", "encoder": "resnet18", "encoder_weights": "/nowhere/w.safetensors"},
+     "model.encoder_weights: file not found: /nowhere/w.safetensors"),
 ])
 def test_settings_the_loop_cannot_honour_are_refused(tmp_path, section, values, message):
     config = demo_config(tmp_path, "refused", **{section: values})
@@ -124,6 +136,17 @@ def test_settings_the_loop_cannot_honour_are_refused(tmp_path, section, values, 
     with pytest.raises(ValueError, match=message):
         train(config)
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"num_to_keep": 0}, "run.num_to_keep must be at least 1, got 0"),
+    ({"max_failures": -2}, "run.max_failures must be at least 0, or -1 for no limit, got -2"),
+    ({"name": "../elsewhere"}, "run.name must be one folder name under run.storage_path, got '../elsewhere'"),
+    ({"name": ""}, "run.name must be one folder name under run.storage_path, got ''"),
+])
+def test_run_settings_that_cannot_work_are_refused(tmp_path, values, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_settings(replace(demo_config(tmp_path, "refused"), run=values))
 
 
 def test_a_uri_storage_path_is_refused_not_made_a_local_folder(tmp_path):
