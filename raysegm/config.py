@@ -1,7 +1,8 @@
 """Every default of raysegm, in one place, with one comment each.
 
 An experiment is a frozen dataclass tree (`ExperimentConfig`). Presets are YAML files in `configs/`
-(read with `yaml.safe_load`); the command line overrides single keys with `--set train.epochs=3`.
+(read with yaml's safe loader, a key given twice refused); the command line overrides single keys
+with `--set train.epochs=3`.
 At the Ray boundary the tree becomes a plain dict (`to_dict`) and is rebuilt with `from_dict`.
 Our names end in `Settings` so they never shadow Ray's `ScalingConfig`, `DataConfig`, `TuneConfig`.
 """
@@ -9,6 +10,7 @@ Our names end in `Settings` so they never shadow Ray's `ScalingConfig`, `DataCon
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -234,7 +236,9 @@ def _build(cls, values: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(prefix + k for k in sorted(unknown))}")
+        hints_text = "".join(f" (did you mean {prefix}{close[0]}?)" for close in
+                             [difflib.get_close_matches(k, names, n=1) for k in sorted(unknown)] if close)
+        raise ValueError(f"unknown config key(s): {', '.join(prefix + k for k in sorted(unknown))}{hints_text}")
     kwargs = {}
     for name, value in values.items():
         annotation = hints[name]
@@ -245,6 +249,20 @@ def _build(cls, values: dict, prefix: str = ""):
         else:
             kwargs[name] = _coerce(value, annotation, prefix + name)
     return cls(**kwargs)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def from_dict(values: dict) -> ExperimentConfig:
@@ -279,11 +297,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise FileNotFoundError(f"config file not found: {path}" + (" (a folder)" if path.is_dir() else ""))
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML ({error})") from None
+            loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except yaml.MarkedYAMLError as error:
+            mark = error.problem_mark
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise ValueError(f"{where}: not valid YAML ({error.problem or error.context})") from None
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: cannot read it as YAML ({type(error).__name__}: {error})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config must be a mapping of sections")
         try:

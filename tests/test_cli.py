@@ -91,11 +91,20 @@ def test_a_bad_preset_is_named_with_its_reason(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("train:\n  epochs: [3\n")
     assert main(["train", "--config", str(broken)]) == 2
-    assert f"raysegm train: error: {broken}: not valid YAML (" in capsys.readouterr().err
+    assert f"raysegm train: error: {broken}:3:1: not valid YAML (expected ',' or ']'" in capsys.readouterr().err
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  epochs: 3\ntrain:\n  epochs: 5\n")  # plain YAML would keep the 5
+    assert main(["train", "--config", str(twice)]) == 2
+    assert f"raysegm train: error: {twice}:3:1: not valid YAML (key 'train' given twice)" in capsys.readouterr().err
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text("train:\n  lr: !!python/object/apply:os.getcwd []\n")  # safe loading builds no objects
+    assert main(["train", "--config", str(tagged)]) == 2
+    assert "could not determine a constructor for the tag" in capsys.readouterr().err
     misspelt = tmp_path / "misspelt.yaml"
     misspelt.write_text("train:\n  epoch: 3\n")
     assert main(["train", "--config", str(misspelt)]) == 2
-    assert f"raysegm train: error: {misspelt}: unknown config key(s): train.epoch" in capsys.readouterr().err
+    assert (f"raysegm train: error: {misspelt}: unknown config key(s): train.epoch (did you mean train.epochs?)"
+            in capsys.readouterr().err)
     assert main(["train", "--set", "train.lr=[1e-3"]) == 2
     assert "raysegm train: error: --set 'train.lr=[1e-3': the value is not valid YAML (" in capsys.readouterr().err
 
