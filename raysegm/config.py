@@ -271,12 +271,14 @@ def from_dict(values: dict) -> ExperimentConfig:
 
 
 def _merge(base: dict, update: dict) -> dict:
+    """Sections merge key by key; a key's value, a mapping such as scale.worker_resources too, is
+    replaced whole (so `--set scale.worker_resources={}` clears it)."""
     merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "extra_axes":
-            merged[key] = _merge(merged[key], value)
+    for section, values in update.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
         else:
-            merged[key] = value
+            merged[section] = values
     return merged
 
 

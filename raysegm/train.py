@@ -134,8 +134,9 @@ def check_settings(config: ExperimentConfig) -> None:
     if t.ensemble < 1:
         raise ValueError(f"train.ensemble is the number of models trained (seeds seed, seed + 1, ...), "
                          f"at least 1, got {t.ensemble}")
-    if s.num_workers < 1 or t.epochs < 1:
-        raise ValueError("scale.num_workers and train.epochs must be at least 1")
+    for key, value in (("scale.num_workers", s.num_workers), ("train.epochs", t.epochs)):
+        if value < 1:
+            raise ValueError(f"{key} must be at least 1, got {value}")
     if "://" in config.run.storage_path:
         raise ValueError(f"run.storage_path must be a filesystem path every node can reach (a shared mount), "
                          f"got the URI {config.run.storage_path!r}")

@@ -64,6 +64,17 @@ def test_numbers_in_scientific_notation_are_numbers():
     assert load_config(None, ["train.lr=0.5"]).train.lr == 0.5
 
 
+def test_an_override_replaces_a_mapping_setting_whole(tmp_path):
+    from raysegm.config import load_config
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("scale:\n  worker_resources: {node2: 0.5}\n  num_workers: 4\n")
+    assert load_config(preset, ["scale.worker_resources={}"]).scale.worker_resources == {}
+    assert load_config(preset, ["scale.worker_resources={node3: 1}"]).scale.worker_resources == {"node3": 1}
+    kept = load_config(preset, ["scale.num_workers=2"]).scale  # other keys of the section stay
+    assert (kept.num_workers, kept.worker_resources) == (2, {"node2": 0.5})
+
+
 def test_bad_override_from_the_console_script():
     proc = run_cli("train", "--config", "configs/demo.yaml", "--set", "train.lr=fast")
     assert proc.returncode == 2

@@ -115,6 +115,8 @@ def test_paths_are_made_absolute_and_a_folder_saved_with_relative_ones_still_res
     ("data", {"clip_percentiles": [99.5, 0.5]}, r"data.clip_percentiles must be 0 <= low < high <= 100"),
     ("train", {"schedule": "cosine", "warmup_epochs": 3, "epochs": 3}, "train.warmup_epochs must be >= 0"),
     ("train", {"warmup_epochs": -1}, r"below train.epochs \d+; got -1"),
+    ("train", {"epochs": 0}, "train.epochs must be at least 1, got 0"),
+    ("scale", {"num_workers": 0}, "scale.num_workers must be at least 1, got 0"),
     ("train", {"lr": 0.0}, "train.lr must be above 0, got 0.0"),
     ("train", {"weight_decay": -0.1}, "train.weight_decay must be at least 0, got -0.1"),
     ("scale", {"torch_threads": 0}, "scale.torch_threads must be at least 1, got 0"),
