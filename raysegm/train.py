@@ -313,12 +313,18 @@ def holds_run(run_dir: Path) -> bool:
     return (run_dir / "config.json").is_file() or (run_dir / "checkpoint_manager_snapshot.json").is_file()
 
 
+def by_address(scale) -> bool:
+    """Whether Ray is reached by address (scale.ray_address or RAY_ADDRESS): a cluster that may grow,
+    rather than a local Ray started or found without one."""
+    return bool(scale.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
 def ensure_ray(scale) -> None:
     import ray
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        if scale.ray_address or os.environ.get("RAY_ADDRESS"):
+        if by_address(scale):
             ray.init(address=scale.ray_address or None)
         else:
             ray.init(num_cpus=scale.local_num_cpus)
@@ -334,7 +340,7 @@ def check_worker_resources(scale) -> None:
     by address (scale.ray_address, RAY_ADDRESS) may grow, so it is left to Ray."""
     import ray
 
-    if scale.ray_address or os.environ.get("RAY_ADDRESS"):
+    if by_address(scale):
         return
     per_worker = {"CPU": scale.cpus_per_worker, **scale.worker_resources}
     if scale.use_gpu:

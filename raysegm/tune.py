@@ -46,7 +46,7 @@ import pandas as pd
 
 from raysegm.config import RUN_ONLY, ExperimentConfig, from_dict, replace, save_json, to_dict
 from raysegm.storage import replace_atomically
-from raysegm.train import VAL_METRIC, absolute_paths, absolute_saved_paths, check_worker_resources
+from raysegm.train import VAL_METRIC, absolute_paths, absolute_saved_paths, by_address, check_worker_resources
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
@@ -241,7 +241,7 @@ def _ensure_ray(scale) -> None:
 
     quiet = not sys.stdout.isatty()
     if not ray.is_initialized():
-        if scale.ray_address or os.environ.get("RAY_ADDRESS"):
+        if by_address(scale):
             ray.init(address=scale.ray_address or None)
         else:
             _start_local_ray(scale.local_num_cpus, quiet)
@@ -287,7 +287,7 @@ def _check_data_can_run(config: ExperimentConfig, trials: int) -> None:
                    f"{ray.cluster_resources().get('CPU', 0.0):g} CPUs, leaving {free:g}: the training data's "
                    f"shuffle tasks need 1 CPU (lower scale.cpus_per_worker or tune.max_concurrent_trials, or "
                    f"start Ray with more logical CPUs)")
-        if not (s.ray_address or os.environ.get("RAY_ADDRESS")):
+        if not by_address(s):
             raise ValueError(message)
         print(f"warning: {message}; they will wait until the cluster grows", file=sys.stderr, flush=True)
 
