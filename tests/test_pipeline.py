@@ -95,7 +95,9 @@ def test_volume_stats_by_hand():
     assert listed["norm_low"] == [0.0] and listed["norm_high"] == [149.0]
 
 
-def test_preprocess_shrinks_images_by_area_and_masks_by_nearest_neighbour():
+def test_preprocess_shrinks_images_by_area_and_masks_by_area_fraction():
+    import cv2
+
     image = np.full((128, 96, 3), 255, np.uint8)
     image[:, :49] = 0  # an edge off the 1.5x grid: output column 32 averages source columns 48 and half of 49
     out = preprocess_image(image, DataSettings(size=64), None)
@@ -106,8 +108,33 @@ def test_preprocess_shrinks_images_by_area_and_masks_by_nearest_neighbour():
     mask = (np.random.default_rng(0).random((128, 96)) < 0.5).astype(np.uint8)
     small = preprocess_mask(mask, 64)
     assert small.shape == (1, 64, 64) and small.dtype == np.float32
-    # nearest neighbour: output pixel (i, j) is source pixel (2i, floor(1.5j)), never a blend
-    np.testing.assert_array_equal(small[0], mask[np.arange(64) * 2][:, np.arange(64) * 3 // 2])
+    assert set(np.unique(small)) <= {0.0, 1.0}
+    # each output pixel is tumor where at least half of the source area under it is, as the image averages it
+    area = cv2.resize(mask.astype(np.float32), (64, 64), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(small[0], (area >= 0.5).astype(np.float32))
+    # by hand, a 2x shrink: a 2x2 block with two tumor pixels is tumor, one with one is not
+    blocks = np.zeros((4, 4), np.uint8)
+    blocks[0, 0] = blocks[0, 1] = 1  # top-left block: 2 of 4
+    blocks[3, 3] = 1  # bottom-right block: 1 of 4
+    np.testing.assert_array_equal(preprocess_mask(blocks, 2)[0], [[1, 0], [0, 0]])
+    # nearest neighbour took each block's top-left pixel, (0, 0) here: it labelled this block background,
+    # and every label sat half a source pixel up and left of its image
+    lone = np.zeros((4, 4), np.uint8)
+    lone[1, 1] = lone[1, 0] = 1
+    np.testing.assert_array_equal(preprocess_mask(lone, 2)[0], [[1, 0], [0, 0]])
+
+
+def test_a_shrunk_mask_stays_on_its_image():
+    # the image is the mask itself: after preprocessing, the mask is where the image is brighter than half
+    rng = np.random.default_rng(1)
+    mask = np.zeros((256, 256), np.uint8)
+    for _ in range(6):
+        top, left, side = rng.integers(10, 200, 2).tolist() + [int(rng.integers(5, 40))]
+        mask[top:top + side, left:left + side + 3] = 1
+    image = np.repeat(mask[..., None] * 255, 3, axis=2).astype(np.uint8)
+    out = preprocess_image(image, DataSettings(size=128), None)
+    small = preprocess_mask(mask, 128)[0]
+    np.testing.assert_array_equal(small, (out[0] >= 0.5).astype(np.float32))
     assert resize_image(np.zeros((20, 20, 1), np.float32), 8).shape == (8, 8, 1)
 
 

@@ -121,9 +121,15 @@ def preprocess_image(image: np.ndarray, data: DataSettings, stats: Mapping | Non
 
 
 def preprocess_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """(H, W) {0, 1} -> (1, size, size) float32 {0, 1}, resized by nearest neighbour."""
+    """(H, W) {0, 1} -> (1, size, size) float32 {0, 1}: resized as the image is (`resize_image`), as the
+    fraction of tumor under each output pixel, which is tumor where that fraction is at least one half.
+
+    Nearest neighbour would take each block's top-left source pixel where the image averages the whole
+    block: at 256 -> 128 px every label would sit half a source pixel above and left of its image.
+    """
     if mask.shape != (size, size):
-        mask = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        fraction = resize_image((mask > 0).astype(np.float32)[..., None], size)[..., 0]
+        return (fraction >= 0.5).astype(np.float32)[None]
     return (mask > 0).astype(np.float32)[None]
 
 
