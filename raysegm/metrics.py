@@ -67,8 +67,9 @@ def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None =
     max(p95 of distances from P's surface voxels to G's surface, p95 of G's surface to P's), with
     Euclidean distance transforms. Works on a slice (H, W) or a stacked volume (S, H, W); distances are
     in voxels of the input's own resolution, or in the units of `spacing` (one value per axis, e.g. mm).
-    0 when both masks are empty; the volume's diagonal sqrt(sum((n_i * spacing_i)^2)) (e.g.
-    sqrt(S^2 + H^2 + W^2) voxels) when exactly one is, since no distance can exceed it.
+    0 when both masks are empty; the image's diagonal when exactly one is (the contract): sqrt(H^2 + W^2)
+    pixels of one slice, each side times its spacing, whether the masks are a slice or a volume, so the
+    penalty for a missed or invented lesion does not grow with the patient's number of slices.
     """
     pred, target = np.asarray(pred, dtype=bool), np.asarray(target, dtype=bool)
     if pred.shape != target.shape:
@@ -80,7 +81,7 @@ def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None =
     if not has_pred and not has_target:
         return 0.0
     if has_pred != has_target:
-        return float(np.sqrt(np.sum((np.array(pred.shape) * spacing) ** 2)))
+        return float(np.sqrt(np.sum((np.array(pred.shape[-2:]) * spacing[-2:]) ** 2)))
     pred_surface, target_surface = _surface(pred), _surface(target)
     to_target = ndimage.distance_transform_edt(~target_surface, sampling=spacing)
     to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)

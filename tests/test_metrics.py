@@ -175,8 +175,9 @@ def test_hd95_with_empty_masks():
     spot = empty.copy()
     spot[0, 1, 1] = True
     assert hd95(empty, empty) == 0.0
-    assert hd95(spot, empty) == pytest.approx(math.sqrt(2**2 + 8**2 + 8**2))  # the volume's diagonal
-    assert hd95(empty, spot, spacing=(3.0, 1.0, 1.0)) == pytest.approx(math.sqrt(6**2 + 8**2 + 8**2))
+    assert hd95(spot, empty) == pytest.approx(math.sqrt(8**2 + 8**2))  # the image's (a slice's) diagonal
+    assert hd95(empty, spot, spacing=(3.0, 0.5, 2.0)) == pytest.approx(math.sqrt(4**2 + 16**2))
+    assert hd95(spot[0], empty[0]) == pytest.approx(math.sqrt(8**2 + 8**2))  # a slice alone: the same
 
 
 def test_hd95_is_computed_on_the_stacked_patient_in_slice_order():
