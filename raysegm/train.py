@@ -114,7 +114,7 @@ def check_settings(config: ExperimentConfig) -> None:
                        ("data.size", d.size)):
         if value < 1:
             raise ValueError(f"{key} must be at least 1, got {value}")
-    if "resnet" not in m.variant and d.size % 2**m.unet_depth:  # the ResNet variants resize their skips
+    if "resnet" not in m.variant and d.size % 2**m.unet_depth:  # smp's decoder matches any size to the skips
         raise ValueError(f"data.size {d.size} must be divisible by {2**m.unet_depth} for {m.variant} "
                          f"(model.unet_depth {m.unet_depth} poolings)")
     if d.normalize == "imagenet" and d.in_channels != 3:
@@ -199,6 +199,10 @@ def _check_model(config: ExperimentConfig) -> None:
     weights = config.model.encoder_weights
     if weights not in ("", "none", "imagenet") and not Path(weights).expanduser().is_file():
         raise ValueError(f"model.encoder_weights: file not found: {weights}")
+    if "resnet" in config.model.variant and config.model.freeze_stages > 0 and weights in ("", "none"):
+        raise ValueError(f"model.freeze_stages {config.model.freeze_stages} would keep randomly initialised "
+                         f"encoder stages fixed (model.encoder_weights none): set encoder_weights to imagenet "
+                         f"or a weights file, or freeze_stages 0")
     problem = _model_problem(dataclasses.replace(config.model, encoder_weights="none"), config.data.model_channels)
     if problem:
         raise ValueError(f"model settings {config.model.variant}: {problem}")

@@ -73,6 +73,7 @@ def test_resnet50_layout_matches_the_paper():
     assert [block.conv2[0].out_channels for block in model.decoder.blocks] == [512, 256, 128, 64]
     head = model.segmentation_head[0]
     assert (head.in_channels, head.out_channels, head.kernel_size) == (64, 1, (1, 1))  # paper 4.3.3
+    assert torch.count_nonzero(head.bias) == 0  # smp's head initialisation: Xavier weights, zero bias
     assert not hasattr(model.encoder, "layer4")  # conv5_x never runs at encoder depth 4
     reference = smp.Unet("resnet50", encoder_depth=4, decoder_channels=(512, 256, 128, 64),
                          encoder_weights=None, classes=1)
@@ -81,6 +82,16 @@ def test_resnet50_layout_matches_the_paper():
     head_3x3_to_1x1 = 64 * 9 - 64  # smp's head is a 3x3 conv, ours the paper's 1x1
     assert count_parameters(model) == (35_935_617 - conv5_x - head_3x3_to_1x1,) * 2 == (20_970_369,) * 2
     assert model_name(settings) == "unet_resnet50"
+
+
+def test_registry_builds_the_contracts_attention_r16_k7():
+    # the equation tests pass r and k explicitly; this is what a default-built variant gets
+    model = create_model(ModelSettings(variant="unet_resnet50_attention", encoder="resnet18"))
+    blocks = [m for m in model.modules() if isinstance(m, DualAttention)]
+    assert [b.channels for b in blocks] == [64, 64, 128, 256]  # conv1, conv2_x, conv3_x, the conv4_x bridge
+    for block in blocks:
+        assert block.spatial_conv.kernel_size == (7, 7)
+        assert block.channel_mlp[0].out_features == max(1, block.channels // 16)
 
 
 def test_model_name_records_a_swapped_encoder():

@@ -130,6 +130,8 @@ def test_paths_are_made_absolute_and_a_folder_saved_with_relative_ones_still_res
     ("model", {"variant": "unet_attention", "attention_kernel": 4}, "kernel_size must be odd"),
     ("model", {"variant": "unet_resnet50", "encoder": "resnet18", "encoder_weights": "/nowhere/w.safetensors"},
      "model.encoder_weights: file not found: /nowhere/w.safetensors"),
+    ("model", {"variant": "unet_resnet50", "encoder": "resnet18", "freeze_stages": 2},
+     "model.freeze_stages 2 would keep randomly initialised encoder stages fixed"),
 ])
 def test_settings_the_loop_cannot_honour_are_refused(tmp_path, section, values, message):
     config = demo_config(tmp_path, "refused", **{section: values})

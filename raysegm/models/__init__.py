@@ -2,7 +2,7 @@
 
 Adding a variant is one builder below plus one line in `REGISTRY`. Every model maps
 (B, in_channels, H, W) to logits (B, 1, H, W); the classic U-Nets need H and W divisible by
-2**unet_depth, the ResNet variants resize their skips.
+2**unet_depth; the ResNet variants take any size (smp's decoder resizes its upsampled features to each skip).
 Settings a variant has no use for are ignored: the classic U-Nets have no pretrained encoder to load
 or freeze (encoder, encoder_weights, freeze_stages), the ResNet variants no unet_width/unet_depth/upsample,
 so one study config can span all four variants.

@@ -23,4 +23,6 @@ class SeedEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probability = torch.stack([torch.sigmoid(member(x).float()) for member in self.members]).mean(0)
-        return torch.logit(probability)  # +-inf where every member is certain; sigmoid maps it back to 1 or 0
+        # +-inf wherever every member's float32 sigmoid rounds to 1 or 0 (logits beyond about +-17, common):
+        # sigmoid maps it back to 1 or 0, but a loss on these logits would be NaN
+        return torch.logit(probability)

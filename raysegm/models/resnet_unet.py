@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import segmentation_models_pytorch as smp
 import torch
 from segmentation_models_pytorch.base import SegmentationHead
+from segmentation_models_pytorch.base.initialization import initialize_head
 from segmentation_models_pytorch.encoders.resnet import resnet_encoders
 from torch import nn
 
@@ -94,6 +95,7 @@ class ResNetUNet(nn.Module):
             )
         self.decoder = unet.decoder
         self.segmentation_head = SegmentationHead(decoder_channels[-1], 1, kernel_size=1)
+        initialize_head(self.segmentation_head)  # smp's own (Xavier weights, zero bias); Unet's was for its head
         self.frozen_norms = freeze_encoder_stages(self.encoder, freeze_stages)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
