@@ -7,6 +7,7 @@ precision long before they overflow its range.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -30,10 +31,15 @@ class DiceLoss(nn.Module):
     """Soft Dice over the whole batch (as Buda et al.): 1 - (2 sum(p g) + 1) / (sum p + sum g + 1), p = sigmoid.
 
     Summing over the batch rather than per image means a batch without tumor still pays for predicted
-    tumor (smp's DiceLoss skips classes absent from the batch and returns 0 there). In data-parallel
-    training each Train worker sums over its own share of the global batch (train.batch_size /
-    scale.num_workers slices) and DDP averages the workers' gradients, so with 2 workers the Dice term
-    is that of two half batches, not of the whole one.
+    tumor (smp's DiceLoss skips classes absent from the batch and returns 0 there).
+
+    Data-parallel training: each Train worker holds train.batch_size / scale.num_workers slices of the
+    global batch. Where a torch.distributed process group of several workers is running, the three sums
+    are added over the workers (`torch.distributed.nn.functional.all_reduce`, which carries the gradient
+    back to every worker's share), so every worker computes the Dice of the whole global batch. Its
+    backward returns each worker num_workers times its share's gradient, and DDP's average of the
+    workers' gradients then equals one process's gradient on the whole batch. Every worker must call it
+    the same number of times (the training set is split equally across workers).
     """
 
     smooth = 1.0
@@ -42,8 +48,18 @@ class DiceLoss(nn.Module):
         with torch.autocast(logits.device.type, enabled=False):
             logits, target = _float32(logits, target)
             prob = torch.sigmoid(logits)
-            overlap = (prob * target).sum()
-            return 1 - (2 * overlap + self.smooth) / (prob.sum() + target.sum() + self.smooth)
+            overlap, predicted, truth = _global_sums((prob * target).sum(), prob.sum(), target.sum())
+            return 1 - (2 * overlap + self.smooth) / (predicted + truth + self.smooth)
+
+
+def _global_sums(*sums: torch.Tensor) -> torch.Tensor:
+    """This worker's sums, added over the workers of a running process group (see DiceLoss)."""
+    stacked = torch.stack(sums)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        stacked = all_reduce(stacked)
+    return stacked
 
 
 class BCEDiceLoss(nn.Module):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import segmentation_models_pytorch as smp
 import torch
@@ -125,3 +127,50 @@ def test_unknown_loss_and_shape_mismatch_are_errors():
         make_loss("focal")
     with pytest.raises(ValueError, match="differ in shape"):
         make_loss("dice")(torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 4))
+
+
+def _worker_share_gradient(rank: int, world_size: int, init_file: str, name: str, logits, target, out: dict):
+    """One data-parallel worker: its half of the batch, a real gloo process group."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        share = slice(rank * len(logits) // world_size, (rank + 1) * len(logits) // world_size)
+        mine = logits[share].clone().requires_grad_(True)
+        loss = make_loss(name)(mine, target[share])
+        loss.backward()
+        # DDP averages the workers' gradients: each worker's share of that average
+        out[rank] = (loss.item(), (mine.grad / world_size).numpy())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["dice", "bce_dice"])
+def test_two_workers_train_on_the_dice_of_the_whole_batch(tmp_path, name):
+    # the contract's Dice is over the whole batch: 2 workers with half a batch each must produce the
+    # gradient one process computes on the whole batch (the split puts the tumor on one worker only)
+    import torch.multiprocessing as mp
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 1, 6, 6, generator=generator)
+    target = torch.zeros(4, 1, 6, 6)
+    target[0, 0, 1:4, 1:5] = 1  # worker 0's share holds all the tumor, worker 1's none
+    whole = logits.clone().requires_grad_(True)
+    expected_loss = make_loss(name)(whole, target)
+    expected_loss.backward()
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_worker_share_gradient, args=(2, str(tmp_path / "group"), name, logits, target, out), nprocs=2)
+        results = dict(out)
+    gradient = torch.from_numpy(np.concatenate([results[0][1], results[1][1]]))
+    torch.testing.assert_close(gradient, whole.grad, rtol=1e-5, atol=1e-7)
+    if name == "dice":  # every worker's loss is the whole batch's Dice loss
+        assert results[0][0] == pytest.approx(expected_loss.item()) == results[1][0]
+    # the old per-worker Dice: half-batch sums, a different gradient
+    halves = [logits[:2].clone().requires_grad_(True), logits[2:].clone().requires_grad_(True)]
+    for half, truth in zip(halves, (target[:2], target[2:])):
+        make_loss(name)(half, truth).backward()
+    per_worker = torch.cat([h.grad for h in halves]) / 2
+    assert (per_worker - whole.grad).abs().max() > 1e-3
