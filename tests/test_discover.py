@@ -232,20 +232,91 @@ def test_image_folder_layout(tmp_path):
     np.testing.assert_array_equal(read_image(b.iloc[0].to_dict()), rgb)
 
 
-def test_a_volume_mixing_grayscale_and_rgb_slices_keeps_its_first_count(tmp_path):
-    root = tmp_path / "scan"
-    root.mkdir()
+def test_a_volume_mixing_grayscale_and_rgb_slices_keeps_the_majority_count(tmp_path):
+    root = tmp_path / "scans"
+    (root / "stray").mkdir(parents=True)
+    (root / "tie").mkdir()
     gray = np.full((8, 8), 40, np.uint8)
-    Image.fromarray(gray).save(root / "img_1.png")
-    Image.fromarray(np.stack([gray] * 3, axis=-1)).save(root / "img_2.png")
-    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "img_2_mask.png")
-    Image.fromarray(gray).save(root / "img_3.png")
+    rgb = np.stack([gray] * 3, axis=-1)
+    # a stray grayscale export as slice 1 of an RGB volume: slice 1 is the one left out, not 2 and 3
+    Image.fromarray(gray).save(root / "stray" / "img_1.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "stray" / "img_1_mask.png")
+    Image.fromarray(rgb).save(root / "stray" / "img_2.png")
+    Image.fromarray(rgb).save(root / "stray" / "img_3.png")
+    # one of each: the first slice decides
+    Image.fromarray(gray).save(root / "tie" / "img_1.png")
+    Image.fromarray(rgb).save(root / "tie" / "img_2.png")
     slices, rejects = discover(root)
-    assert slices["slice_index"].tolist() == [1, 3] and slices["channels"].tolist() == [1, 1]
-    assert rejects["path"].str.endswith("img_2.png").tolist() == [True]
-    assert rejects["reason"].iloc[0] == ("3 channels where img_1.png of the same volume has 1; slice left out "
-                                         "with its mask img_2_mask.png")
-    assert (rejects["volume_id"].iloc[0], int(rejects["slice_index"].iloc[0])) == ("scan", 2)
+    stray = slices[slices["volume_id"] == "stray"]
+    assert stray["slice_index"].tolist() == [2, 3] and stray["channels"].tolist() == [3, 3]
+    tie = slices[slices["volume_id"] == "tie"]
+    assert tie["slice_index"].tolist() == [1] and tie["channels"].tolist() == [1]
+    rows = {Path(p).relative_to(root).as_posix(): (reason, volume_id, int(k)) for p, reason, volume_id, k
+            in zip(rejects["path"], rejects["reason"], rejects["volume_id"], rejects["slice_index"])}
+    assert rows == {
+        "stray/img_1.png": ("1 channels where the volume has 3 (2 of its 3 slices, e.g. img_2.png); slice left "
+                            "out with its mask img_1_mask.png", "stray", 1),
+        "tie/img_2.png": ("3 channels where the volume has 1 (1 of its 2 slices, e.g. img_1.png); slice left out",
+                          "tie", 2),
+    }
+
+
+def _kaggle_patient(folder: Path, sizes: dict[int, tuple[int, int]]) -> None:
+    """A kaggle_3m patient folder: slice k an RGB tif of sizes[k], with a 0/255 mask of the same size."""
+    folder.mkdir(parents=True)
+    for k, (height, width) in sizes.items():
+        image = np.full((height, width, 3), 10 * k, np.uint8)
+        tifffile.imwrite(folder / f"{folder.name}_{k}.tif", image, photometric="rgb")
+        mask = np.zeros((height, width), np.uint8)
+        mask[:2, :2] = 255
+        tifffile.imwrite(folder / f"{folder.name}_{k}_mask.tif", mask)
+
+
+def test_a_slice_of_another_size_than_its_volume_is_rejected(tmp_path):
+    """2.5D input stacks a slice with its neighbours, so one volume has one size: the odd slice (here the
+    first, with a mask of its own size) is rejected at discovery, not in a training task mid-epoch."""
+    from raysegm.data.context import read_input, with_context
+
+    root = tmp_path / "kaggle_3m"
+    volume = "TCGA_XX_1234_20000101"
+    _kaggle_patient(root / volume, {1: (16, 12), 2: (8, 8), 3: (8, 8), 4: (8, 8)})
+    slices, rejects = discover(root)
+    assert slices["slice_index"].tolist() == [2, 3, 4]
+    assert (slices["height"] == 8).all() and (slices["width"] == 8).all()
+    assert rejects[["volume_id", "slice_index"]].to_dict("records") == [{"volume_id": volume, "slice_index": 1}]
+    assert rejects["path"].item() == str(root.resolve() / volume / f"{volume}_1.tif")
+    assert rejects["reason"].item() == (f"size 16x12 where the volume is 8x8 (3 of its 4 slices, e.g. {volume}_2.tif); "
+                                        f"slice left out with its mask {volume}_1_mask.tif")
+    data = DataSettings(context_slices=1)
+    for record in with_context(slices, 1).to_dict("records"):
+        assert read_input(record, data).shape == (8, 8, 9)
+
+
+def test_symlinked_patient_folders_are_discovered_and_loops_rejected(tmp_path):
+    """A subset made of links to patient folders (`ln -s archive/TCGA_* subset/`) reads like the folders."""
+    archive = tmp_path / "archive" / "kaggle_3m"
+    volumes = ["TCGA_XX_1234_20000101", "TCGA_YY_5678_20010202"]
+    for volume in volumes:
+        _kaggle_patient(archive / volume, {1: (8, 8), 2: (8, 8), 3: (8, 8)})
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    for volume in volumes:
+        (subset / volume).symlink_to(archive / volume, target_is_directory=True)
+    (subset / "again").symlink_to(archive / volumes[0], target_is_directory=True)  # one folder, two links
+    (subset / "loop").symlink_to(subset, target_is_directory=True)
+    slices, rejects = discover(subset)
+    assert sorted(slices["volume_id"].unique()) == volumes
+    assert slices.groupby("volume_id")["slice_index"].apply(list).to_dict() == {v: [1, 2, 3] for v in volumes}
+    assert slices["labeled"].all() and set(slices["source_format"]) == {"kaggle_3m"}
+    assert slices["image_path"].map(lambda p: Path(p).parent.parent).eq(subset.resolve()).all()
+    reasons = dict(zip(rejects["path"].map(lambda p: Path(p).name), rejects["reason"]))
+    assert reasons == {
+        "again": f"folder links to {archive.resolve() / volumes[0]}, already walked as "
+                 f"{subset.resolve() / volumes[0]} (a second path to one folder); not read twice",
+        "loop": f"folder links to {subset.resolve()}, already walked as {subset.resolve()} (a symlink loop); "
+                "not read twice",
+    }
+    assert (rejects["slice_index"] == -1).all() and sorted(rejects["volume_id"]) == ["again", "loop"]
 
 
 def test_image_folder_without_distinct_numbers_takes_natural_order(tmp_path):

@@ -11,6 +11,8 @@ Layouts:
   at its top), so one folder is one volume. slice_index is the trailing number of each file stem when
   every image of the folder has a distinct one, otherwise the 0-based position in natural name order
   (digit runs compared as numbers: `case_2` before `case_10`).
+- Both 2D layouts: a volume has one channel count and one slice size, the ones most of its readable
+  slices have (ties: the earliest slice's); a slice with another count or size is rejected.
 - `nifti`: `.nii`/`.nii.gz` cases (suffix in any case), one 4D file (modalities last) or 3D file per
   case, or nnU-Net per-modality files `CASE_0000`, `CASE_0001`, `CASE_0002` (pre-contrast, FLAIR,
   post-contrast; files of one folder ending in `_<4 digits>` are one case's modalities when none has a
@@ -24,8 +26,9 @@ Layouts:
 Every file is read once. A bad file is logged on one line naming it and the reason, listed in the
 rejects table, and its slice (or, for a volume file, its case) is left out; the rest still flows.
 Sidecar files (.csv, .json, .txt, .md, .yaml, .parquet) and hidden files are skipped; any other file
-is rejected as unsupported. Images without a mask are kept as unlabeled slices; the reason given for
-a rejected image names its mask, left out with it.
+is rejected as unsupported. Symlinked folders are followed; a folder reached a second time (a symlink
+loop, a second link to one folder) is rejected, not read twice. Images without a mask are kept as
+unlabeled slices; the reason given for a rejected image names its mask, left out with it.
 
 Splits are by volume (`assign_splits`), saved in the manifest's `split` column and, with the settings
 that made them, in the Parquet file's metadata, so a manifest is reused, never re-split differently.
@@ -35,7 +38,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +150,16 @@ def _folder_volume(folder: Path, image_stems, data_dir: Path) -> tuple[str, str 
     return (data_dir.name if relative == "." else relative), None, "image"
 
 
+def _most_common(votes: list[tuple[str, object]]) -> tuple[object, str | None, int]:
+    """(value, first stem that has it, how many have it) of the value most (stem, value) pairs have; of
+    values tied, the one that comes first. (None, None, 0) without votes."""
+    counts = Counter(value for _, value in votes)  # in order of first appearance, which max keeps on ties
+    if not counts:
+        return None, None, 0
+    value = max(counts, key=counts.get)
+    return value, next(stem for stem, v in votes if v == value), counts[value]
+
+
 def _discover_folder(folder: Path, files: list[Path], data_dir: Path, rejects: _Rejects) -> list[dict]:
     images: dict[str, Path] = {}
     masks: dict[str, Path] = {}
@@ -166,19 +181,34 @@ def _discover_folder(folder: Path, files: list[Path], data_dir: Path, rejects: _
             rejects.add(mask_path, f"mask without image (no {key}.tif/.png beside it)", volume_id,
                         int(number.group(1)) if number else -1)
 
-    slices, pixels = [], []
+    readable = []  # (stem, image) of the slices whose image could be read, in slice order
     for stem in sorted(numbers, key=numbers.get):
-        image_path, mask_path = images[stem], masks.get(stem)
+        mask_path = masks.get(stem)
         try:
-            image = read_slice_file(image_path)
+            readable.append((stem, read_slice_file(images[stem])))
         except DataError as error:
             rejects.add(error.path, error.reason + (f"; slice left out with its mask {mask_path.name}"
                                                     if mask_path else ""), volume_id, numbers[stem])
+    # one volume, one channel count and one slice size (2.5D input stacks a slice with its neighbours):
+    # the ones most of its slices have, so that one stray export, even the first slice, is the one left
+    # out; channels first, and only the slices that have the volume's count vote on its size
+    channels, channels_from, channels_votes = _most_common(
+        [(stem, image.shape[2]) for stem, image in readable])
+    voters = [(stem, image.shape[:2]) for stem, image in readable if image.shape[2] == channels]
+    size, size_from, size_votes = _most_common(voters)
+    slices, pixels = [], []
+    for stem, image in readable:
+        image_path, mask_path = images[stem], masks.get(stem)
+        with_mask = f" with its mask {mask_path.name}" if mask_path else ""
+        if image.shape[2] != channels:
+            rejects.add(image_path, f"{image.shape[2]} channels where the volume has {channels} ({channels_votes} "
+                                    f"of its {len(readable)} slices, e.g. {images[channels_from].name}); "
+                                    "slice left out" + with_mask, volume_id, numbers[stem])
             continue
-        if slices and image.shape[2] != slices[0]["channels"]:  # one volume, one channel count
-            rejects.add(image_path, f"{image.shape[2]} channels where {Path(slices[0]['image_path']).name} of "
-                                    f"the same volume has {slices[0]['channels']}; slice left out"
-                                    + (f" with its mask {mask_path.name}" if mask_path else ""),
+        if image.shape[:2] != size:
+            rejects.add(image_path, f"size {image.shape[0]}x{image.shape[1]} where the volume is {size[0]}x{size[1]} "
+                                    f"({size_votes} of its {len(voters)} slices, e.g. {images[size_from].name}); "
+                                    "slice left out" + with_mask,
                         volume_id, numbers[stem])
             continue
         mask = None
@@ -359,6 +389,37 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
+def _walk(data_dir: Path, rejects: _Rejects) -> list[Path]:
+    """Every file under `data_dir`, sorted, hidden files and folders left out, symlinked folders followed.
+
+    Path.rglob (Python 3.11) does not descend into a symlinked folder, so a subset made of links to
+    patient folders (`ln -s /data/kaggle_3m/TCGA_* subset/`) would be found empty. A folder whose real
+    path was already walked (a symlink loop, or a second link to one folder) is not walked again but
+    rejected: read twice, one patient would be two volumes, maybe in two splits.
+    """
+    walked = {os.path.realpath(data_dir): data_dir}  # real path -> the path it was walked under
+    files = []
+    for top, folders, names in os.walk(data_dir, followlinks=True):
+        top = Path(top)
+        kept = []
+        for name in sorted(folders):  # sorted, so that the same link wins on every run
+            folder = top / name
+            if name.startswith("."):
+                continue
+            real = os.path.realpath(folder)
+            if real in walked:
+                first = walked[real]
+                why = "a symlink loop" if first in folder.parents else "a second path to one folder"
+                rejects.add(folder, f"folder links to {real}, already walked as {first} ({why}); not read twice",
+                            folder.relative_to(data_dir).as_posix())
+                continue
+            walked[real] = folder
+            kept.append(name)
+        folders[:] = kept  # os.walk descends only into these
+        files += [top / name for name in names if not name.startswith(".")]
+    return sorted(files)
+
+
 def discover(data_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every slice under `data_dir`, validated: (slices, rejects).
 
@@ -377,10 +438,7 @@ def discover(data_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     folders: dict[Path, list[Path]] = {}
     unsupported: dict[Path, list[Path]] = {}
     nifti_files = []
-    for path in sorted(data_dir.rglob("*")):
-        relative_parts = path.relative_to(data_dir).parts
-        if path.is_dir() or any(part.startswith(".") for part in relative_parts):
-            continue
+    for path in _walk(data_dir, rejects):
         if _is_nifti(path):
             nifti_files.append(path)
         elif path.suffix.lower() in SLICE_SUFFIXES:
