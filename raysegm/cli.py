@@ -104,7 +104,8 @@ def _demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from raysegm.config import POSTPROCESS, DataSettings
 
-    parser = argparse.ArgumentParser(prog="raysegm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="raysegm", description="Brain-MRI tumor segmentation on Ray: train, tune, cross-validate, segment archives into Parquet.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the kaggle_3m layout")

@@ -101,7 +101,7 @@ class ScaleSettings:
     worker_resources: dict = field(default_factory=dict)  # custom resources per Train worker, e.g. {"node2": 0.5}
     torch_threads: int = 1  # torch intra-op threads per worker; Ray sets OMP_NUM_THREADS=1 at 0.5 CPU
     ray_address: str = ""  # "" starts or joins a local Ray; "auto" joins a running cluster
-    local_num_cpus: int = 4  # logical CPUs for a local ray.init (above the 2 physical)
+    local_num_cpus: int = 4  # logical CPUs for a local ray.init (Ray's scheduling units; may exceed the cores)
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class InferSettings:
     precision: str = "auto"  # auto: bf16 (fp16 where unsupported) autocast on CUDA, fp32 on CPU; or fp32
     read_cpus: float = 0.25  # CPUs per Ray Data read+decode+preprocess task
     read_tasks: int = 2  # most read tasks at once (each a worker process that imports the stack); 0: Ray decides
-    local_num_cpus: int = 4  # logical CPUs for a local ray.init (above the 2 physical)
+    local_num_cpus: int = 4  # logical CPUs for a local ray.init (Ray's scheduling units; may exceed the cores)
     object_store_mb: int = 0  # object-store budget of the job (reads wait beyond it); 0: 8 batches per replica, >= 32
 
 
