@@ -35,7 +35,7 @@ class DiceLoss(nn.Module):
 
     Data-parallel training: each Train worker holds train.batch_size / scale.num_workers slices of the
     global batch. Where a torch.distributed process group of several workers is running, the three sums
-    are added over the workers (`torch.distributed.nn.functional.all_reduce`, which carries the gradient
+    are added over the workers (torch's differentiable functional `all_reduce`, which carries the gradient
     back to every worker's share), so every worker computes the Dice of the whole global batch. Its
     backward returns each worker num_workers times its share's gradient, and DDP's average of the
     workers' gradients then equals one process's gradient on the whole batch. Every worker must call it
@@ -56,9 +56,11 @@ def _global_sums(*sums: torch.Tensor) -> torch.Tensor:
     """This worker's sums, added over the workers of a running process group (see DiceLoss)."""
     stacked = torch.stack(sums)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
+        # torch's differentiable all-reduce (torch.distributed.nn.functional's is deprecated for it):
+        # its backward all-reduces the gradient, a sum of the workers' identical ones
+        from torch.distributed._functional_collectives import all_reduce
 
-        stacked = all_reduce(stacked)
+        stacked = all_reduce(stacked, "sum", dist.group.WORLD)
     return stacked
 
 
