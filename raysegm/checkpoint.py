@@ -145,6 +145,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> tup
         raise ValueError(f"{path}: refused, it holds objects other than tensors ({error})") from error
     except Exception as error:  # truncated or empty: whatever safetensors or torch raise, name the file
         raise ValueError(f"{path}: unreadable weights ({type(error).__name__}: {error})") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        found = f"a {type(state).__name__}" if not isinstance(state, dict) else "a dict with values other than tensors"
+        raise ValueError(f"{path}: not a state dict (parameter name -> tensor): it holds {found}")
     head = state.get("segmentation_head.0.weight")
     if head is not None and tuple(head.shape[-2:]) == (3, 3):
         raise ValueError(f"{path}: a {model_name(config.model)} with a 3x3 head, written before the ResNet "

@@ -8,8 +8,10 @@
   the input folder recorded in the output's `_raysegm.json`, else `<volume_id>/<file name>`, else
   `<file name>`).
 - "nifti": one `<out>/<volume_id>.nii.gz` per volume, masks (uint8, 1 tumor) stacked along the last
-  axis in slice order. Where the source is NIfTI, the mask takes the source volume's affine and depth
-  (slice k at index k); otherwise the affine is the identity and the slices are stacked in order.
+  axis in slice order. Where the source is NIfTI, the mask takes the source volume's affine, depth
+  (slice k at index k) and header (qform/sform codes, units, voxel sizes; data type uint8, no scaling),
+  and its in-plane shape must be the source's; otherwise the affine is the identity and the slices are
+  stacked in order.
 
 A `volume_id` holding `/` (image folders nested in the input) becomes nested folders for png/overlay
 and `_` in NIfTI file names. Error rows have no mask: they are counted and printed, never exported as
@@ -173,8 +175,14 @@ def _export_nifti(rows: pd.DataFrame, out: Path, sources: _Sources) -> int:
             raise ValueError(f"export: {volume_id}: slices differ in size {sorted(sizes)}, cannot stack a volume")
         height, width = sizes.pop()
         first_source = ok["source"].iloc[0]
+        reference = None
         if _is_nifti(first_source.split(PATH_SEPARATOR)[0]):
-            reference = nibabel.load(sources.local(first_source, volume_id)[0])
+            reference_path = sources.local(first_source, volume_id)[0]
+            reference = nibabel.load(reference_path)
+            in_plane = tuple(int(n) for n in reference.shape[:2])
+            if in_plane != (int(height), int(width)):
+                raise ValueError(f"export: {volume_id}: its masks are {height}x{width}, its source {reference_path} "
+                                 f"is {in_plane[0]}x{in_plane[1]} in plane: not the volume the masks were made of")
             affine, depth = reference.affine, reference.shape[2]
             positions = {int(k): int(k) for k in volume["slice_index"] if k >= 0}
         else:
@@ -190,7 +198,14 @@ def _export_nifti(rows: pd.DataFrame, out: Path, sources: _Sources) -> int:
         failed = sorted(int(k) for k in volume.loc[volume["status"] != "ok", "slice_index"])
         if failed:
             print(f"export: {volume_id}: slices {failed} have no mask (error rows), written as zeros")
-        image = nibabel.Nifti1Image(masks, affine)
+        if reference is None:
+            image = nibabel.Nifti1Image(masks, affine)
+        else:  # the source's header: its qform/sform codes, units and voxel sizes stay; uint8, no scaling
+            header = reference.header.copy()
+            header.set_data_dtype(np.uint8)
+            header.set_slope_inter(1.0, 0.0)
+            header["cal_min"], header["cal_max"] = 0, 1
+            image = nibabel.Nifti1Image(masks, affine, header)
         replace_atomically(out / f"{_file_name(volume_id)}.nii.gz", partial(nibabel.save, image))
         written += 1
     return written

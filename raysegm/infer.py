@@ -33,12 +33,20 @@ temporary files (the `.` prefix also hides them from pyarrow's dataset discovery
 rest. Each part records the sha1 of its volume's input files (`volume_fingerprints`: every image file
 discovered or rejected for it, by name and bytes) in its Parquet metadata; a volume whose files changed
 since (a slice added, replaced or fixed) is segmented again and its part replaced in one rename, and
-committed volumes no longer in the input are named and kept. `_raysegm.json` (model id, checkpoint,
-input, the settings that change the masks, the arithmetic) is written before any part; pyarrow ignores
-`_`-prefixed files, so `pandas.read_parquet(output)` reads the parts alone. Output of another
-checkpoint, of another input, or of the same ones with other tta/postprocess/threshold or arithmetic
-(bf16 on GPUs, fp32), in the folder is an error; parts written before parts recorded their input's
-fingerprint are kept as they are. Two jobs must not write into one output at the same time.
+committed volumes no longer in the input are named and kept. A committed part that holds error rows
+(a read or a prediction that failed, perhaps only once) is done again on every rerun, its input changed
+or not, and replaced in the same one rename; a reject that is deterministic comes back as the same row.
+`_raysegm.json` (model id, checkpoint, input, the settings that change the masks, the arithmetic, the
+checkpoint's input settings raysegm.checkpoint.INPUT_SETTINGS) is written before any part; pyarrow
+ignores `_`-prefixed files, so `pandas.read_parquet(output)` reads the parts alone. Output of another
+checkpoint, of another input, or of the same ones with other tta/postprocess/threshold, arithmetic
+(bf16 on GPU replicas with precision auto, else fp32) or input settings (a checkpoint's config.json
+edited: the model id hashes its weights only) in the folder is an error; parts written before parts
+recorded their input's fingerprint are kept as they are (unless they hold error rows). Two jobs must
+not write into one output at the same time.
+
+The replicas' device is chosen on the driver (`replica_device`: CUDA when infer.gpus_per_replica gives
+them GPUs, else CPU) and passed to each: Ray 2.60 does not hide a node's GPUs from an actor given none.
 
 Rows follow the contract's "Inference output" schema (`SCHEMA`). Error rows carry status "error", the
 reason naming the file, a null `mask_png` and `max_prob`, 0 tumor pixels, and the slice's size where
@@ -221,9 +229,13 @@ class SegmentationPredictor:
 
     checkpoint: a checkpoint folder, or its files as {name: bytes} (how infer() ships it to replicas).
     settings: InferSettings or its dict (tta, threshold, precision are read).
-    device: "cuda", "cpu", or None for CUDA when this process sees a GPU (Ray hides GPUs from replicas
-    that were given none), else CPU. On CUDA with precision "auto" the forward pass runs under bf16
-    autocast (fp16 where bf16 is unsupported); probabilities are always computed in float32.
+    device: "cuda", "cpu", or None for CUDA when this process sees a GPU, else CPU. infer() always passes
+    it (`replica_device`): Ray 2.60 does not hide a node's GPUs from an actor given none (it leaves
+    CUDA_VISIBLE_DEVICES alone unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1), so None in a replica would
+    use GPUs Ray never scheduled, in an arithmetic the output does not record. On CUDA with precision
+    "auto" the forward pass runs under bf16 autocast; a GPU without bf16 is a ValueError (set
+    infer.precision=fp32), so the arithmetic an output records is the one that ran. Probabilities are
+    always computed in float32.
 
     __call__(batch) takes a mapping of numpy arrays: `image` (B, C, S, S) float32 as preprocess_image
     makes it, `height`, `width` (B,) the slices' own sizes, `status` (B,) ("ok", or "error" for slices
@@ -246,13 +258,20 @@ class SegmentationPredictor:
         shipped = not isinstance(checkpoint, (str, Path))
         directory = _materialize_checkpoint(checkpoint) if shipped else Path(checkpoint)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.config = load_model(directory, device=self.device)
-        self.model_id = model_id(directory)
-        if shipped:
-            shutil.rmtree(directory, ignore_errors=True)
         self.autocast_dtype = None
         if self.device.type == "cuda" and self.settings.precision == "auto":
-            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if not torch.cuda.is_bf16_supported():
+                raise ValueError(
+                    f"infer.precision=auto computes in bf16, which {torch.cuda.get_device_name(self.device)} "
+                    f"does not support; set infer.precision=fp32"
+                )
+            self.autocast_dtype = torch.bfloat16
+        try:
+            self.model, self.config = load_model(directory, device=self.device)
+            self.model_id = model_id(directory)
+        finally:
+            if shipped:
+                shutil.rmtree(directory, ignore_errors=True)
 
     def probabilities(self, images: np.ndarray):
         """(B, C, S, S) float32 -> tumor probabilities (B, S, S) float32 on the device (see `probabilities`)."""
@@ -421,6 +440,16 @@ class OutputFolder:
                     f"{self.location}: its masks were computed in {existing['arithmetic']}, this run computes "
                     f"in {metadata.get('arithmetic')} (infer.precision and GPUs); write into another folder"
                 )
+            recorded = existing.get("data")  # outputs written before it was recorded are not checked
+            if recorded is not None:
+                asked = json.loads(json.dumps(metadata.get("data", {})))  # tuples as JSON has them: lists
+                for key in sorted(set(recorded) | set(asked)):
+                    if recorded.get(key) != asked.get(key):
+                        raise ValueError(
+                            f"{self.location}: its masks were made with the checkpoint's data.{key}="
+                            f"{recorded.get(key)!r}, checkpoint {metadata.get('checkpoint')} now says data.{key}="
+                            f"{asked.get(key)!r} (its config.json changed); write into another folder"
+                        )
             for key in MASK_OUTPUTS:
                 if existing.get("settings", {}).get(key) != metadata["settings"][key]:
                     raise ValueError(
@@ -455,9 +484,16 @@ class OutputFolder:
 
     def fingerprint(self, name: str) -> str:
         """The input fingerprint a committed part was written with ("" for a part without one)."""
+        return self.part_state(name)[0]
+
+    def part_state(self, name: str) -> tuple[str, int]:
+        """(input fingerprint, "" for a part without one; its number of error rows) of a committed part.
+        Reads the footer and the small `status` column only."""
         with self.fs.open_input_file(self._path(name)) as file:
-            metadata = pq.read_schema(file).metadata or {}
-        return metadata.get(FINGERPRINT_KEY, b"").decode()
+            parquet = pq.ParquetFile(file)
+            metadata = parquet.schema_arrow.metadata or {}
+            status = parquet.read(columns=["status"]).column("status").to_pylist()
+        return metadata.get(FINGERPRINT_KEY, b"").decode(), sum(value != "ok" for value in status)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -632,6 +668,27 @@ def _check_settings(settings: InferSettings) -> None:
             raise ValueError(f"infer.{key} must be {expected}, got {value}")
 
 
+def replica_device(settings: InferSettings) -> str:
+    """The model replicas' device: "cuda" when infer.gpus_per_replica gives them GPUs, else "cpu".
+
+    Chosen on the driver and passed to every replica, never guessed there: Ray 2.60 leaves
+    CUDA_VISIBLE_DEVICES alone in an actor given no GPU (ray._private.utils.set_visible_accelerator_ids,
+    unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1), so a replica on a GPU node would see the node's GPUs."""
+    return "cuda" if settings.gpus_per_replica else "cpu"
+
+
+def arithmetic_of(settings: InferSettings) -> str:
+    """What the replicas compute in, as `_raysegm.json` records it: "bf16" (autocast) on CUDA replicas with
+    precision "auto", else "fp32". A few pixels may differ between the two, so one output holds one."""
+    return "bf16" if settings.precision == "auto" and replica_device(settings) == "cuda" else "fp32"
+
+
+def predictor_kwargs(files: Mapping[str, bytes], settings: InferSettings) -> dict:
+    """SegmentationPredictor's constructor arguments in every replica (map_batches' fn_constructor_kwargs)."""
+    return {"checkpoint": files, "settings": dataclasses.asdict(settings), "torch_threads": settings.torch_threads,
+            "device": replica_device(settings)}
+
+
 def object_store_budget(settings: InferSettings, data: DataSettings) -> int:
     """Bytes of object store one job may fill: settings.object_store_mb, or 8 preprocessed batches per
     replica and at least 32 MiB, enough to keep every replica fed while the reads wait."""
@@ -676,8 +733,7 @@ def _dataset(slices: pd.DataFrame, files: dict, data: DataSettings, settings: In
         .map_batches(read_slices, fn_kwargs={"data": to_dict(data)}, batch_size=None, batch_format="pandas",
                      compute=ray.data.TaskPoolStrategy(size=settings.read_tasks or None), **read_args)
         .map_batches(SegmentationPredictor, batch_size=settings.batch_size, batch_format="numpy",
-                     fn_constructor_kwargs={"checkpoint": files, "settings": dataclasses.asdict(settings),
-                                            "torch_threads": settings.torch_threads},
+                     fn_constructor_kwargs=predictor_kwargs(files, settings),
                      compute=ray.data.ActorPoolStrategy(size=settings.replicas),
                      num_cpus=settings.cpus_per_replica, num_gpus=settings.gpus_per_replica or None)
     )
@@ -689,11 +745,12 @@ def infer(checkpoint, input, output, settings: InferSettings, *, tta: bool | Non
 
     tta, postprocess: None keeps the settings' value. ray_address: None joins RAY_ADDRESS or starts a
     local Ray with settings.local_num_cpus logical CPUs. Returns a summary: volumes, volumes_skipped
-    (already committed, input unchanged), volumes_changed (committed, input changed since: done again),
+    (already committed, input unchanged, no error rows), volumes_changed (committed, input changed since:
+    done again), volumes_retried (committed with error rows, input unchanged: done again),
     volumes_not_in_input (committed parts whose volume the input no longer has: kept), volumes_written,
     slices (rows written this run), ok, errors, wall_s, slices_per_s, model, output.
     """
-    from raysegm.checkpoint import load_config_of, model_id
+    from raysegm.checkpoint import INPUT_SETTINGS, load_config_of, model_id
     from raysegm.data.discover import discover
 
     started = time.time()
@@ -734,23 +791,30 @@ def infer(checkpoint, input, output, settings: InferSettings, *, tta: bool | Non
         errors = _error_rows(rejects, slices, root, prefix, model)
 
         out = OutputFolder(str(output))
-        # bf16 on the replicas' GPUs where precision is "auto", else fp32: a few pixels may differ
-        arithmetic = "bf16" if settings.precision == "auto" and settings.gpus_per_replica else "fp32"
         committed = out.open({
-            "model": model, "checkpoint": str(checkpoint), "input": prefix, "arithmetic": arithmetic,
+            "model": model, "checkpoint": str(checkpoint), "input": prefix, "arithmetic": arithmetic_of(settings),
             "model_name": summary.get("model_name", config.model.variant), "settings": to_dict(settings),
+            # the checkpoint's preprocessing: its config.json may change while its weights (the model id) do not
+            "data": {key: getattr(data, key) for key in INPUT_SETTINGS},
         })
         volume_ids = sorted(set(slices["volume_id"]) | set(errors["volume_id"]))
         fingerprints = volume_fingerprints(slices, rejects, root)
-        recorded = {v: out.fingerprint(part_name(v)) for v in volume_ids if part_name(v) in committed}
-        # a part written before parts recorded their input ("") is taken as it is
-        changed = [v for v, recorded_as in recorded.items() if recorded_as and recorded_as != fingerprints[v]]
-        todo = [v for v in volume_ids if v not in recorded or v in changed]
+        states = {v: out.part_state(part_name(v)) for v in volume_ids if part_name(v) in committed}
+        # a part written before parts recorded their input ("") is taken as it is, unless it holds error rows
+        changed = [v for v, (recorded_as, _) in states.items() if recorded_as and recorded_as != fingerprints[v]]
+        # error rows may come of a transient failure (a read or a prediction that failed once) on unchanged
+        # input: such volumes are done again on every rerun (a deterministic reject is redone cheaply)
+        retried = [v for v, (_, failed) in states.items() if failed and v not in changed]
+        redo = set(changed) | set(retried)
+        todo = [v for v in volume_ids if v not in states or v in redo]
         skipped = len(volume_ids) - len(todo)
         gone = sorted(committed - {part_name(v) for v in volume_ids})
         if changed:
             print(f"infer: {len(changed)} committed volumes have changed input files and are done again: "
                   f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}", flush=True)
+        if retried:
+            print(f"infer: {len(retried)} committed volumes hold error rows and are done again: "
+                  f"{', '.join(retried[:5])}{' ...' if len(retried) > 5 else ''}", flush=True)
         if gone:
             print(f"infer: {len(gone)} committed parts hold volumes the input no longer has (kept): "
                   f"{', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''}", flush=True)
@@ -804,7 +868,8 @@ def infer(checkpoint, input, output, settings: InferSettings, *, tta: bool | Non
     written_slices = sum(counts.values())
     result = {
         "output": str(output), "model": model, "volumes": len(volume_ids), "volumes_skipped": skipped,
-        "volumes_changed": len(changed), "volumes_not_in_input": len(gone), "volumes_written": written, "slices": written_slices, "ok": counts.get("ok", 0),
+        "volumes_changed": len(changed), "volumes_retried": len(retried), "volumes_not_in_input": len(gone),
+        "volumes_written": written, "slices": written_slices, "ok": counts.get("ok", 0),
         "errors": counts.get("error", 0), "wall_s": round(wall, 2),
         "slices_per_s": round(written_slices / wall, 2) if wall > 0 else 0.0,
     }

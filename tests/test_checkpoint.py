@@ -177,6 +177,11 @@ def test_plain_torch_weights_are_accepted_but_pickles_are_not(tmp_path):
     torch.save(model, directory / "model.pt")  # a whole pickled module
     with pytest.raises(ValueError, match=r"model\.pt: refused"):
         load_model(directory)
+    # weights_only loads these, but they are no state dict: named, not an AttributeError
+    for value, found in (([torch.zeros(2)], "a list"), ({"x": 1}, "a dict with values other than tensors")):
+        torch.save(value, directory / "model.pt")
+        with pytest.raises(ValueError, match=rf"{directory / 'model.pt'}: not a state dict .*: it holds {found}$"):
+            load_model(directory)
 
 
 def test_bad_checkpoints_are_clear_errors(saved, tmp_path):

@@ -14,10 +14,11 @@ from PIL import Image
 
 from raysegm.checkpoint import save_checkpoint
 from raysegm.config import ExperimentConfig, InferSettings, replace
+from raysegm.data.discover import discover
 from raysegm.data.io import read_slice_file
 from raysegm.data.synth import generate_dataset
 from raysegm.export import TINT_ALPHA, export
-from raysegm.infer import SCHEMA, OutputFolder, decode_mask_png, encode_mask_png, infer
+from raysegm.infer import SCHEMA, OutputFolder, decode_mask_png, encode_mask_png, infer, read_slices
 from raysegm.models import create_model
 from raysegm.storage import replace_atomically
 
@@ -161,7 +162,11 @@ def test_nifti_export_puts_each_mask_on_its_source_voxels(tmp_path):
     affine = np.array([[0.0, -0.9, 0.0, 100.0], [1.1, 0.0, 0.0, -20.0], [0.0, 0.0, 3.0, 5.5], [0, 0, 0, 1]])
     source = tmp_path / "cases" / "CASE7.nii.gz"
     source.parent.mkdir()
-    nibabel.save(nibabel.Nifti1Image(np.zeros((24, 40, 5), np.int16), affine), source)
+    scan = nibabel.Nifti1Image(np.zeros((24, 40, 5), np.int16), affine)
+    scan.header.set_qform(affine, code=1)  # scanner coordinates, not nibabel's default "aligned" / none
+    scan.header.set_sform(affine, code=1)
+    scan.header.set_xyzt_units("mm", "sec")
+    nibabel.save(scan, source)
     masks = {}
     for k in (0, 2, 4):
         masks[k] = np.zeros((24, 40), dtype=bool)
@@ -191,6 +196,22 @@ def test_nifti_export_puts_each_mask_on_its_source_voxels(tmp_path):
     assert data.shape == (24, 40, 5) and data.dtype == np.uint8
     for k in range(5):
         np.testing.assert_array_equal(data[..., k], masks[k] if k in masks else 0, err_msg=f"slice {k}")
+    # the source's header is kept: its qform/sform codes, units and voxel sizes; uint8 without scaling
+    header = image.header
+    assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 1)
+    assert header.get_xyzt_units() == ("mm", "sec") and header.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(header.get_zooms(), nibabel.load(source).header.get_zooms())
+    assert header.get_slope_inter() in ((None, None), (1.0, 0.0))
+
+
+def test_nifti_export_refuses_a_source_of_another_in_plane_shape(tmp_path):
+    source = tmp_path / "cases" / "CASE3.nii.gz"
+    source.parent.mkdir()
+    nibabel.save(nibabel.Nifti1Image(np.zeros((5, 4, 3), np.int16), np.eye(4)), source)
+    folder = _commit(tmp_path / "masks", source.parent, {"CASE3": ([0, 1], str(source))})  # 4x4 masks
+    with pytest.raises(ValueError, match=r"CASE3: its masks are 4x4, its source .*CASE3\.nii\.gz is 5x4 in plane"):
+        export(folder, to="nifti", out=tmp_path / "nii")
+    assert not (tmp_path / "nii" / "CASE3.nii.gz").exists()
 
 
 def _commit(folder: Path, input: Path, volumes: dict[str, tuple[list[int], str]]) -> Path:
@@ -241,9 +262,20 @@ def test_nifti_source_through_inference_keeps_its_affine(ray_session, tmp_path):
     nibabel.save(nibabel.Nifti1Image(volume, affine), tmp_path / "cases" / "CASE7.nii.gz")
     torch.manual_seed(0)
     config = replace(ExperimentConfig(), data={"size": SIZE}, model={"unet_width": 4, "unet_depth": 2})
-    checkpoint = save_checkpoint(tmp_path / "ckpt", create_model(config.model, 3), config)
-    settings = InferSettings(batch_size=8, torch_threads=1, threshold=0.0)  # every pixel is tumor at > 0
-    summary = infer(checkpoint, tmp_path / "cases", tmp_path / "out", settings)
+    slices, _ = discover(tmp_path / "cases")
+    slices = slices.sort_values("slice_index").reset_index(drop=True)
+    slices["source"] = slices["image_path"]
+    inputs = torch.from_numpy(read_slices(slices, config.data.__dict__)["image"])  # as the read stage does
+    model = create_model(config.model, 3).eval()
+    with torch.no_grad():  # logits centred and spread: about half of the pixels tumor, few near 0.5
+        model.head.bias -= model(inputs).median()
+        model.head.weight *= 300
+        model.head.bias *= 300
+        probs = torch.sigmoid(model(inputs))
+    # the masks by hand, in the source's own orientation: probabilities resized to 24 x 40, then > 0.5
+    probs = torch.nn.functional.interpolate(probs, size=(24, 40), mode="bilinear", align_corners=False)[:, 0].numpy()
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, config)
+    summary = infer(checkpoint, tmp_path / "cases", tmp_path / "out", InferSettings(batch_size=8, torch_threads=1))
     assert summary["ok"] == 5
     rows = pd.read_parquet(tmp_path / "out").sort_values("slice_index")
     assert rows["slice_index"].tolist() == [0, 1, 2, 3, 4] and (rows["volume_id"] == "CASE7").all()
@@ -252,9 +284,14 @@ def test_nifti_source_through_inference_keeps_its_affine(ray_session, tmp_path):
     image = nibabel.load(tmp_path / "nii" / "CASE7.nii.gz")
     np.testing.assert_allclose(image.affine, affine, atol=1e-6)
     data = np.asarray(image.dataobj)
-    assert data.shape == volume.shape
+    assert data.shape == volume.shape and 0.2 < data.mean() < 0.8  # not all one value: a flip would show
     for row in rows.itertuples():
-        np.testing.assert_array_equal(data[..., row.slice_index], decode_mask_png(row.mask_png).astype(np.uint8))
-    assert data.all()
+        k = row.slice_index
+        np.testing.assert_array_equal(data[..., k], decode_mask_png(row.mask_png).astype(np.uint8))
+        decided = np.abs(probs[k] - 0.5) > 1e-4
+        assert decided.mean() > 0.9
+        np.testing.assert_array_equal(data[..., k][decided], (probs[k] > 0.5)[decided], err_msg=f"slice {k}")
+        for flipped in (data[::-1, :, k], data[:, ::-1, k]):  # the check would catch a flip
+            assert (flipped[decided] != (probs[k] > 0.5)[decided]).mean() > 0.05
     export(tmp_path / "out", to="overlay", out=tmp_path / "overlay")
     assert len(list((tmp_path / "overlay" / "CASE7").glob("CASE7_*_overlay.png"))) == 5

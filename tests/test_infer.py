@@ -33,6 +33,8 @@ from raysegm.infer import (
     SegmentationPredictor,
     _error_rows,
     _finish_volume,
+    _read_checkpoint,
+    arithmetic_of,
     decode_mask_png,
     encode_mask_png,
     fill_holes,
@@ -41,6 +43,7 @@ from raysegm.infer import (
     part_name,
     postprocess_slices,
     postprocess_volume,
+    predictor_kwargs,
     read_slices,
     volume_fingerprints,
 )
@@ -613,6 +616,95 @@ def test_rerun_redoes_a_volume_whose_files_changed_and_names_one_no_longer_there
     (root / kept / f"{kept}_1.tif").write_bytes(b"changed since")
     fourth = infer(untrained_checkpoint, root, tmp_path / "out", SETTINGS)
     assert (fourth["volumes_changed"], fourth["volumes_written"]) == (0, 0)
+
+
+def test_rerun_redoes_a_volume_whose_part_holds_error_rows_on_unchanged_input(ray_session, untrained_checkpoint,
+                                                                             tmp_path, capsys):
+    """A read or a prediction that fails once (a network mount, a GPU out of memory) leaves error rows in a
+    part whose input fingerprint is that of the input as it is: the rerun must do the volume again."""
+    root = generate_dataset(tmp_path / "kaggle_3m", patients=2, slices=4, size=SIZE, seed=7)
+    flaky, steady = sorted(p.name for p in root.iterdir() if p.is_dir())
+    broken = root / flaky / f"{flaky}_2.tif"
+    whole = broken.read_bytes()
+    broken.write_bytes(whole[:-2000])
+    first = infer(untrained_checkpoint, root, tmp_path / "out", SETTINGS)
+    assert (first["ok"], first["errors"], first["volumes_written"]) == (7, 1, 2)
+    failed = pd.read_parquet(tmp_path / "out" / part_name(flaky))
+    assert failed.set_index("slice_index").loc[2, "status"] == "error"
+
+    broken.write_bytes(whole)  # repaired; the part as a transient failure leaves it: the input's fingerprint now
+    slices, rejects = discover(root)
+    OutputFolder(str(tmp_path / "out")).commit(flaky, failed, volume_fingerprints(slices, rejects, root)[flaky])
+    steady_part = (tmp_path / "out" / part_name(steady)).read_bytes()
+    capsys.readouterr()
+    second = infer(untrained_checkpoint, root, tmp_path / "out", SETTINGS)
+    assert "1 committed volumes hold error rows and are done again: " + flaky in capsys.readouterr().out
+    assert (second["volumes_retried"], second["volumes_changed"], second["volumes_skipped"]) == (1, 0, 1)
+    assert (second["volumes_written"], second["ok"], second["errors"]) == (1, 4, 0)
+    rows = pd.read_parquet(tmp_path / "out")
+    assert len(rows) == 8 and (rows["status"] == "ok").all() and rows["error"].isna().all()
+    assert not rows.duplicated(["volume_id", "slice_index"]).any()
+    assert (tmp_path / "out" / part_name(steady)).read_bytes() == steady_part  # untouched
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([METADATA, part_name(flaky),
+                                                                         part_name(steady)])
+    third = infer(untrained_checkpoint, root, tmp_path / "out", SETTINGS)
+    assert (third["volumes_retried"], third["volumes_skipped"], third["volumes_written"]) == (0, 2, 0)
+
+
+def test_replicas_compute_on_the_device_ray_gives_them_and_the_output_records_it(untrained_checkpoint):
+    """Ray 2.60 leaves a node's GPUs visible to an actor given none: the driver names the replicas'
+    device, so a CPU replica on a GPU node runs fp32 on the CPU, as `_raysegm.json` says."""
+    files = _read_checkpoint(str(untrained_checkpoint))
+    for gpus, precision, device, arithmetic in ((0, "auto", "cpu", "fp32"), (0, "fp32", "cpu", "fp32"),
+                                                (1, "auto", "cuda", "bf16"), (0.5, "fp32", "cuda", "fp32")):
+        settings = InferSettings(gpus_per_replica=gpus, precision=precision)
+        kwargs = predictor_kwargs(files, settings)
+        assert (kwargs["device"], arithmetic_of(settings)) == (device, arithmetic), (gpus, precision)
+        assert kwargs["settings"]["precision"] == precision and kwargs["checkpoint"] is files
+    predictor = SegmentationPredictor(**predictor_kwargs(files, SETTINGS))
+    assert predictor.device.type == "cpu" and predictor.autocast_dtype is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_replicas_on_a_gpu_node_compute_in_fp32_on_the_cpu(ray_session, checkpoint, archive, tmp_path):
+    """Real Ray on a GPU node, replicas given no GPU: the probabilities are the CPU's fp32 ones, not bf16."""
+    summary = infer(checkpoint, archive[0], tmp_path / "out", SETTINGS)
+    assert json.loads((tmp_path / "out" / METADATA).read_text())["arithmetic"] == "fp32"
+    rows = pd.read_parquet(tmp_path / "out").sort_values(["volume_id", "slice_index"]).reset_index(drop=True)
+    slices, _ = discover(archive[0])
+    slices = slices.sort_values(["volume_id", "slice_index"]).reset_index(drop=True)
+    slices["source"] = slices["image_path"]
+    cpu = SegmentationPredictor(checkpoint, SETTINGS, device="cpu")(read_slices(slices, tiny_config().data.__dict__))
+    assert summary["ok"] == len(rows) == len(cpu)
+    np.testing.assert_allclose(rows["max_prob"], cpu["max_prob"], atol=1e-5)  # bf16 differs by ~1e-3
+
+
+def test_a_checkpoint_whose_input_settings_changed_is_refused_on_its_output(ray_session, untrained_checkpoint,
+                                                                             tmp_path):
+    """The model id hashes the weights only: an edited config.json (size, normalize, ...) would silently mix
+    two preprocessings in one output."""
+    root = generate_dataset(tmp_path / "kaggle_3m", patients=1, slices=2, size=SIZE, seed=8)
+    infer(untrained_checkpoint, root, tmp_path / "out", SETTINGS)
+    metadata = json.loads((tmp_path / "out" / METADATA).read_text())
+    assert metadata["arithmetic"] == "fp32"
+    assert metadata["data"] == {"size": SIZE, "in_channels": 3, "context_slices": 0, "normalize": "scale",
+                                "clip_percentiles": [0.5, 99.5]}
+    for key, value, message in (
+        ("size", 48, r"data\.size=64, checkpoint .*edited now says data\.size=48"),
+        ("normalize", "volume_zscore", r"data\.normalize='scale', checkpoint .* now says data\.normalize='volume_zscore'"),
+        ("clip_percentiles", [1.0, 99.0], r"data\.clip_percentiles=\[0\.5, 99\.5\], .* says .*=\[1\.0, 99\.0\]"),
+    ):
+        edited = tmp_path / "edited"
+        shutil.rmtree(edited, ignore_errors=True)
+        shutil.copytree(untrained_checkpoint, edited)
+        config = json.loads((edited / "config.json").read_text())
+        config["data"][key] = value
+        config.update({key: value} if key in config else {})  # the summary's copy at the top level
+        (edited / "config.json").write_text(json.dumps(config))
+        assert model_id(edited) == model_id(untrained_checkpoint)
+        with pytest.raises(ValueError, match=message):
+            infer(edited, root, tmp_path / "out", SETTINGS)
+    assert infer(untrained_checkpoint, root, tmp_path / "out", SETTINGS)["volumes_skipped"] == 1
 
 
 def test_fingerprints_cover_joined_and_unreadable_rejects(tmp_path):
