@@ -540,8 +540,13 @@ def _source(path: str, root: Path, prefix: str) -> str:
 
     parts = []
     for part in str(path).split(PATH_SEPARATOR):
+        # discovery's paths lie under the resolved input, through any symlinked folder by its link's name:
+        # resolving them first would name a linked patient by its archive path, outside the input
+        part_path = Path(part)
+        if not part_path.is_relative_to(root):
+            part_path = part_path.resolve()
         try:
-            parts.append(f"{prefix}/{Path(part).resolve().relative_to(root).as_posix()}")
+            parts.append(f"{prefix}/{part_path.relative_to(root).as_posix()}")
         except ValueError:
             parts.append(part)
     return PATH_SEPARATOR.join(parts)

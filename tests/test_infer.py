@@ -861,3 +861,21 @@ def test_a_uri_input_is_read_on_a_driver_node_that_offers_no_cpus(untrained_chec
     rows = pd.read_parquet(output)
     assert len(rows) == 8 and (rows["status"] == "ok").all()
     assert rows["source"].str.startswith(root.as_uri().rstrip("/") + "/").all()
+
+
+def test_source_names_a_symlinked_patient_by_its_place_in_the_input(tmp_path):
+    # a subset made of links to an archive's patient folders: rows name the link, under the input
+    from raysegm.infer import _source
+
+    archive = tmp_path / "archive" / "TCGA_XX_1234_20000101"
+    archive.mkdir(parents=True)
+    (archive / "TCGA_XX_1234_20000101_1.tif").write_bytes(b"")
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    (subset / archive.name).symlink_to(archive, target_is_directory=True)
+    root = subset.resolve()
+    linked = root / archive.name / "TCGA_XX_1234_20000101_1.tif"
+    assert _source(str(linked), root, "/data/subset") == "/data/subset/TCGA_XX_1234_20000101/TCGA_XX_1234_20000101_1.tif"
+    # the archive's own path, as a resolved path would name it, lies outside the input: kept as it is
+    assert _source(str(linked.resolve()), root, "in") == str(linked.resolve())
+    assert _source("/elsewhere/x.tif", root, "in") == "/elsewhere/x.tif"
