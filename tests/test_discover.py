@@ -319,6 +319,16 @@ def test_symlinked_patient_folders_are_discovered_and_loops_rejected(tmp_path):
     assert (rejects["slice_index"] == -1).all() and sorted(rejects["volume_id"]) == ["again", "loop"]
 
 
+def test_a_broken_link_to_a_patient_folder_is_named_as_one(tmp_path):
+    subset = tmp_path / "subset"
+    _kaggle_patient(subset / "TCGA_XX_1234_20000101", {1: (8, 8)})
+    (subset / "TCGA_YY_5678_20010202").symlink_to(tmp_path / "moved" / "TCGA_YY_5678_20010202")
+    slices, rejects = discover(subset)
+    assert slices["volume_id"].unique().tolist() == ["TCGA_XX_1234_20000101"]
+    assert rejects["path"].item().endswith("subset/TCGA_YY_5678_20010202")
+    assert rejects["reason"].item() == f"broken symbolic link to {tmp_path / 'moved' / 'TCGA_YY_5678_20010202'}"
+
+
 def test_image_folder_without_distinct_numbers_takes_natural_order(tmp_path):
     root = tmp_path / "scan"
     root.mkdir()

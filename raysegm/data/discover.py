@@ -450,6 +450,9 @@ def discover(data_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     for folder, paths in sorted(unsupported.items()):
         volume_id = _folder_volume(folder, [p.stem for p in folders.get(folder, [])], data_dir)[0]
         for path in paths:
+            if path.is_symlink() and not path.exists():  # e.g. a link to a patient folder that has moved
+                rejects.add(path, f"broken symbolic link to {os.readlink(path)}", volume_id)
+                continue
             rejects.add(path, f"unsupported file type {path.suffix or '(no extension)'!r} "
                               "(expected .tif, .tiff, .png, .nii or .nii.gz)", volume_id)
     origins: dict[str, str] = {}  # volume_id -> where it was found: one volume_id, one source
