@@ -78,8 +78,8 @@ def test_predicting_tumor_everywhere_scores_as_computed_by_hand(all_test_manifes
         assert table.loc[volume_id, "iou"] == pytest.approx(tumor / voxels)
         assert table.loc[volume_id, "tumor_pixels"] == tumor
         assert table.loc[volume_id, "predicted_pixels"] == voxels  # at 64 px, not the model's 32
-        if tumor == 0:  # exactly one mask empty: HD95 is the volume's diagonal in the input's own pixels
-            assert table.loc[volume_id, "hd95"] == pytest.approx(math.sqrt(masks.shape[0] ** 2 + 64**2 + 64**2))
+        if tumor == 0:  # exactly one mask empty: HD95 is the image's diagonal in the input's own pixels
+            assert table.loc[volume_id, "hd95"] == pytest.approx(math.sqrt(64**2 + 64**2))
     all_tumor = sum(int(m.sum()) for m in truth.values())
     all_voxels = sum(m.size for m in truth.values())
     assert summary["pooled"]["dice"] == pytest.approx(2 * all_tumor / (all_voxels + all_tumor))
@@ -95,8 +95,7 @@ def test_predicting_nothing_scores_only_the_tumor_free_patients(all_test_manifes
     per_patient = pd.read_csv(tmp_path / "scores" / "per_patient.csv").set_index("volume_id")
     for volume_id, masks in truth_by_patient(all_test_manifest).items():
         assert per_patient.loc[volume_id, "dice"] == (0.0 if masks.any() else 1.0)
-        assert per_patient.loc[volume_id, "hd95"] == pytest.approx(
-            math.sqrt(masks.shape[0] ** 2 + 64**2 + 64**2) if masks.any() else 0.0)
+        assert per_patient.loc[volume_id, "hd95"] == pytest.approx(math.sqrt(64**2 + 64**2) if masks.any() else 0.0)
     assert table["pooled"]["recall"] == 0.0
 
 
