@@ -128,19 +128,20 @@ def test_unknown_loss_and_shape_mismatch_are_errors():
         make_loss("dice")(torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 4))
 
 
-def _worker_share_gradient(rank: int, world_size: int, init_file: str, name: str, logits, target, out: dict):
+def _worker_share_gradient(rank: int, world_size: int, folder: str, name: str, logits, target):
     """One data-parallel worker: its half of the batch, a real gloo process group."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/group", rank=rank, world_size=world_size)
     try:
         share = slice(rank * len(logits) // world_size, (rank + 1) * len(logits) // world_size)
         mine = logits[share].clone().requires_grad_(True)
         loss = make_loss(name)(mine, target[share])
         loss.backward()
         # DDP averages the workers' gradients: each worker's share of that average
-        out[rank] = (loss.item(), (mine.grad / world_size).numpy())
+        np.save(f"{folder}/grad-{rank}.npy", (mine.grad / world_size).numpy())
+        np.save(f"{folder}/loss-{rank}.npy", np.float64(loss.item()))
     finally:
         dist.destroy_process_group()
 
@@ -159,14 +160,13 @@ def test_two_workers_train_on_the_dice_of_the_whole_batch(tmp_path, name):
     expected_loss = make_loss(name)(whole, target)
     expected_loss.backward()
 
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker_share_gradient, args=(2, str(tmp_path / "group"), name, logits, target, out), nprocs=2)
-        results = dict(out)
-    gradient = torch.from_numpy(np.concatenate([results[0][1], results[1][1]]))
+    # spawned, never forked: a fork of a process that runs a Ray driver copies its live connections
+    mp.spawn(_worker_share_gradient, args=(2, str(tmp_path), name, logits, target), nprocs=2)
+    gradient = torch.from_numpy(np.concatenate([np.load(tmp_path / f"grad-{rank}.npy") for rank in (0, 1)]))
     torch.testing.assert_close(gradient, whole.grad, rtol=1e-5, atol=1e-7)
     if name == "dice":  # every worker's loss is the whole batch's Dice loss
-        assert results[0][0] == pytest.approx(expected_loss.item()) == results[1][0]
+        losses = [float(np.load(tmp_path / f"loss-{rank}.npy")) for rank in (0, 1)]
+        assert losses[0] == pytest.approx(expected_loss.item()) == losses[1]
     # the old per-worker Dice: half-batch sums, a different gradient
     halves = [logits[:2].clone().requires_grad_(True), logits[2:].clone().requires_grad_(True)]
     for half, truth in zip(halves, (target[:2], target[2:])):
