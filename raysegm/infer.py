@@ -482,10 +482,6 @@ class OutputFolder:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), FINGERPRINT_KEY: fingerprint.encode()})
         self._write_atomically(part_name(volume_id), lambda stream: pq.write_table(table, stream))
 
-    def fingerprint(self, name: str) -> str:
-        """The input fingerprint a committed part was written with ("" for a part without one)."""
-        return self.part_state(name)[0]
-
     def part_state(self, name: str) -> tuple[str, int]:
         """(input fingerprint, "" for a part without one; its number of error rows) of a committed part.
         Reads the footer and the small `status` column only."""
