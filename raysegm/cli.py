@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cv", help="patient-level k-fold cross-validation, scored on every out-of-fold patient")
     _add_config_args(p)
-    p.add_argument("--folds", type=int, default=None, help="k (default: data.folds where set, else 5)")
+    p.add_argument("--folds", type=int, default=None,
+                   help="k (default: data.folds where set, else the k a --resume started with, else 5)")
     p.add_argument("--fold", type=int, action="append", default=None,
                    help="run and score only this fold (repeatable; default: every fold)")
     p.add_argument("--resume", action="store_true", help="continue a cross-validation of the same name")

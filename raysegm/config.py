@@ -330,4 +330,7 @@ def replace(config: ExperimentConfig, **sections) -> ExperimentConfig:
 
 
 def save_json(config: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    """Write the config as JSON; a crash leaves the old file or the new one, never a cut one."""
+    from raysegm.storage import replace_atomically
+
+    replace_atomically(path, lambda temporary: temporary.write_text(json.dumps(to_dict(config), indent=2) + "\n"))

@@ -37,14 +37,16 @@ def run_cv(config: ExperimentConfig, folds: int | None = None, only: list[int] |
            resume: bool = False) -> dict:
     """Train and score `folds` folds (or the folds listed in `only`); returns the summary dict.
 
-    folds: None takes data.folds where the config sets it, else DEFAULT_FOLDS."""
+    folds: None takes data.folds where the config sets it, else on a resume the k the cross-validation
+    was started with, else DEFAULT_FOLDS."""
+    from raysegm.data.discover import manifest_for
     from raysegm.train import check_settings, check_worker_resources, ensure_ray, run_state, train
 
     if config.data.manifest:
         raise ValueError("cross-validation splits the patients itself: give data.data_dir (or no data for "
                          "synthetic data), not data.manifest")
-    if folds is None:
-        folds = config.data.folds or DEFAULT_FOLDS
+    if folds is None:  # a resume keeps the k it was started with
+        folds = config.data.folds or (resume and _saved_folds(config)) or DEFAULT_FOLDS
     if folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
     if config.train.ensemble < 1:
@@ -75,8 +77,45 @@ def run_cv(config: ExperimentConfig, folds: int | None = None, only: list[int] |
             state = run_state(cv_dir / name, config.train.epochs)
             print(f"fold {fold} of 0-{folds - 1}, seed {seed} ({name}): {state}", flush=True)
             if state != "finished":
+                manifest_for(member.data, cv_dir / name / "data")  # the one train() reads
+                fold_patients(cv_dir)  # before training: its patients are every other fold's
                 train(member, resume=state == "unfinished")
     return write_summary(cv_dir, selected, config)
+
+
+def fold_patients(cv_dir: Path) -> set[str]:
+    """The patients of the cross-validation, checked to be the same in every fold's manifest.
+
+    Each fold prepares its own manifest from data.data_dir, and the fold split is a function of the seed
+    and the set of patients alone: a set that changed between folds (a patient added or unreadable, the
+    data folder edited or resolved elsewhere on a resume) would deal other folds, so some patients would
+    be held out twice and others never. That is an error here, before any training on it.
+    """
+    from raysegm.data.discover import load_manifest, manifest_settings
+
+    first, first_path = None, None
+    for path in sorted(cv_dir.glob("fold-*/data/manifest.parquet")):
+        source = Path(manifest_settings(path)["data_dir"])
+        if source.is_relative_to(path.parent):  # synthetic data, generated inside each fold's folder
+            source = Path(source.name)
+        found = (str(source), set(load_manifest(path)["volume_id"].astype(str)))
+        if first is None:
+            first, first_path = found, path
+            continue
+        if found[0] != first[0]:
+            raise ValueError(f"{path} was prepared from {found[0]}, {first_path} from {first[0]}: every fold "
+                             f"of a cross-validation reads the same data folder")
+        if found[1] != first[1]:
+            only_here, only_there = sorted(found[1] - first[1]), sorted(first[1] - found[1])
+            raise ValueError(f"{path} holds other patients than {first_path} (only in the first: "
+                             f"{only_here[:5]}; only in the second: {only_there[:5]}): the folds would not "
+                             f"partition the patients; the data folder changed between folds")
+    return set() if first is None else first[1]
+
+
+def _saved_folds(config: ExperimentConfig) -> int:
+    saved = Path(config.run.storage_path).expanduser().resolve() / config.run.name / "config.json"
+    return int(json.loads(saved.read_text())["data"]["folds"]) if saved.is_file() else 0
 
 
 def members(fold: int, config: ExperimentConfig) -> list[tuple[str, int]]:
@@ -110,8 +149,12 @@ def write_summary(cv_dir: Path, folds_run: list[int], config: ExperimentConfig) 
         states.append(state)
         fold_of.update({volume_id: fold for volume_id in state["volume_ids"]})
         checkpoints[fold] = scored["checkpoint"]
-    pooled = SegmentationMeter.from_states(states)
+    pooled = SegmentationMeter.from_states(states)  # a patient held out by two folds is an error there
     table = pooled.per_patient_table()
+    if folds_run == list(range(config.data.folds)):
+        missed = sorted(fold_patients(cv_dir) - set(table["volume_id"]))
+        if missed:
+            raise ValueError(f"{cv_dir}: {len(missed)} patients held out by no fold: {missed[:5]}")
     table.insert(0, "fold", table["volume_id"].map(fold_of))
     headline = pooled.summary(table=table)
     per_fold = [{"fold": fold, "patients": int((table["fold"] == fold).sum()),

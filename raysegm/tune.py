@@ -418,7 +418,8 @@ def trial_outcome(run_dir: Path) -> dict | None:
     Returns {history: {epoch: row}, epochs_completed, best_epoch, best_checkpoint, latest_checkpoint}:
     the history is the latest checkpoint's (keyed by epoch, a redone epoch replaced), and the best
     checkpoint is the kept one with the highest validation per-patient Dice (the earlier on a tie).
-    Checkpoint folders with a file missing or cut short (an interrupted upload) are passed over, named.
+    Checkpoint folders with a file missing or cut short (an interrupted upload), or whose own epoch is
+    not the one in that history (left by a failed attempt whose epoch was redone), are passed over, named.
     """
     from raysegm.checkpoint import UnreadableTrainingState, load_training_state, training_checkpoint_problem
 
@@ -437,9 +438,20 @@ def trial_outcome(run_dir: Path) -> dict | None:
         return None
     latest_epoch = max(kept)
     history = {int(epoch): dict(row) for epoch, row in kept[latest_epoch][1]["history"].items()}
+    for epoch, (folder, state) in sorted(kept.items()):
+        own = {int(e): dict(row) for e, row in state["history"].items()}.get(epoch)
+        if own != history.get(epoch):  # left by an attempt that failed and was redone from an earlier epoch
+            print(f"{folder}: passed over: its epoch {epoch} is not the one the run's history kept "
+                  f"(the epoch was redone)", flush=True)
+            del kept[epoch]
     best_epoch = max(sorted(kept), key=lambda epoch: history[epoch][VAL_METRIC])
     return {"history": history, "epochs_completed": latest_epoch, "best_epoch": best_epoch,
             "best_checkpoint": str(kept[best_epoch][0]), "latest_checkpoint": str(kept[latest_epoch][0])}
+
+
+def read_per_patient(path: Path) -> pd.DataFrame:
+    """A per_patient.csv with its volume_ids as written: "001" stays "001", not the number 1."""
+    return pd.read_csv(path, dtype={"volume_id": str})
 
 
 def _trial_id_of(result) -> str:
@@ -499,7 +511,7 @@ def write_results(study_dir: str | Path) -> pd.DataFrame:
         out = study_dir / EVALUATION_DIR / f"trial-{trial_id}"
         summary = evaluate_checkpoint(outcome["best_checkpoint"], manifest=config.data.manifest, split="test",
                                       out=out)
-        patients = pd.read_csv(out / "per_patient.csv")
+        patients = read_per_patient(out / "per_patient.csv")
         per_patient.append(patients.assign(trial_id=trial_id, variant=row["variant"], model=row["model"]))
         total, trainable = count_parameters(load_model(outcome["best_checkpoint"])[0])
         best = outcome["history"][outcome["best_epoch"]]

@@ -235,3 +235,51 @@ def test_a_training_run_with_an_ensemble_leaves_one_checkpoint_that_scores_as_it
     again = train(config, resume=True)  # both members finished: nothing retrains, the ensemble is rebuilt alike
     assert [(run_dir / f"seed-{s}" / "history.csv").stat().st_mtime_ns for s in (3, 4)] == stamps
     assert again["best"] == result["best"]
+
+
+def test_folds_prepared_from_other_patients_are_refused(tmp_path, synth_dir):
+    """Every fold prepares its own manifest; a patient set that changed between folds would deal other
+    folds (patients held out twice or never), so it is an error before training on it."""
+    import shutil
+
+    from raysegm.cv import fold_patients
+    from raysegm.data.discover import prepare
+
+    data = tmp_path / "data" / "kaggle_3m"
+    shutil.copytree(synth_dir, data)
+    cv_dir = tmp_path / "cv"
+    prepare(data, cv_dir / "fold-0" / "data" / "manifest.parquet", folds=3, fold=0)
+    prepare(data, cv_dir / "fold-1" / "data" / "manifest.parquet", folds=3, fold=1)
+    patients = sorted(p.name for p in data.iterdir() if p.is_dir())
+    assert fold_patients(cv_dir) == set(patients)
+
+    shutil.rmtree(data / patients[-1])  # a patient gone (deleted, or unreadable this time) before fold 2
+    prepare(data, cv_dir / "fold-2" / "data" / "manifest.parquet", folds=3, fold=2)
+    with pytest.raises(ValueError, match=rf"holds other patients .*only in the second: \['{patients[-1]}'\]"):
+        fold_patients(cv_dir)
+
+    shutil.rmtree(cv_dir / "fold-2")  # the same patients, read from another folder
+    prepare(synth_dir, cv_dir / "fold-2" / "data" / "manifest.parquet", folds=3, fold=2)
+    with pytest.raises(ValueError, match="every fold of a cross-validation reads the same data folder"):
+        fold_patients(cv_dir)
+
+
+def test_a_resume_without_folds_keeps_the_k_it_started_with(tmp_path, synth_dir):
+    from raysegm.config import save_json
+
+    config = tiny_config(tmp_path, synth_dir)
+    (tmp_path / "cv").mkdir()
+    save_json(replace(config, data={"folds": 3}), tmp_path / "cv" / "config.json")
+    with pytest.raises(ValueError, match=r"must lie in 0\.\.2"):  # k = 3 from the saved study, not 5
+        run_cv(config, only=[4], resume=True)
+
+
+def test_synthetic_folds_generated_in_each_fold_folder_agree(tmp_path):
+    from raysegm.cv import fold_patients
+    from raysegm.data.discover import manifest_for
+
+    config = replace(load_config(ROOT / "configs" / "demo.yaml"),
+                     data={"data_dir": "", "synthetic_patients": 4, "synthetic_slices": 4, "size": 32, "folds": 2})
+    for fold in (0, 1):
+        manifest_for(replace(config, data={"fold": fold}).data, tmp_path / f"fold-{fold}" / "data")
+    assert len(fold_patients(tmp_path)) == 4

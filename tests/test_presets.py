@@ -49,3 +49,27 @@ def test_every_trial_of_an_ablation_preset_builds_and_runs(path):
         loss = make_loss(trial.train.loss)(model.train()(images), masks)
         loss.backward()
         assert torch.isfinite(loss), params
+
+
+def test_a_config_saved_over_another_is_never_left_cut(tmp_path, monkeypatch):
+    import json
+
+    from raysegm.config import save_json
+
+    path = tmp_path / "config.json"
+    first = replace(load_config(ROOT / "configs" / "demo.yaml"), train={"epochs": 3})
+    save_json(first, path)
+    assert json.loads(path.read_text())["train"]["epochs"] == 3
+
+    write_text = Path.write_text
+
+    def dies_halfway(self, data, *args, **kwargs):  # the process is killed in the middle of the write
+        write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_json(replace(first, train={"epochs": 5}), path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text())["train"]["epochs"] == 3  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # and no temporary left beside it

@@ -24,6 +24,7 @@ from raysegm.tune import (
     check_study,
     paired_differences,
     read_launches,
+    read_per_patient,
     run_study,
     summary_markdown,
     trial_outcome,
@@ -313,6 +314,38 @@ def test_trial_outcome_reads_the_kept_checkpoints(tmp_path):
     assert outcome["latest_checkpoint"] == str(run_dir / "checkpoint_3")
     assert sorted(outcome["history"]) == [1, 2, 3]
     assert outcome["history"][3]["val_per_patient_dice"] == 0.5
+
+
+def test_a_checkpoint_left_by_a_redone_epoch_is_not_the_best(tmp_path):
+    """An attempt saved epoch 1 and failed; Ray redid epoch 1 from scratch (val Dice 0.9), kept epoch 2
+    (0.7) and deleted the redo's folder. The leftover folder's weights scored 0.1: they are not the
+    run's best, whatever the run's history says of epoch 1."""
+    from raysegm.checkpoint import save_checkpoint
+    from raysegm.models import create_model
+
+    config = tiny_config(tmp_path, "outcome")
+    model = create_model(config.model)
+    row = {"train_loss": 1.0, "epoch_time_s": 2.0}
+    failed = {1: {**row, "epoch": 1, "val_per_patient_dice": 0.1}}
+    redone = {1: {**row, "epoch": 1, "val_per_patient_dice": 0.9}, 2: {**row, "epoch": 2, "val_per_patient_dice": 0.7}}
+    run_dir = tmp_path / "trial-y"
+    save_checkpoint(run_dir / "checkpoint_a", model, config, training_state={"epoch": 1, "history": failed})
+    save_checkpoint(run_dir / "checkpoint_b", model, config, training_state={"epoch": 2, "history": redone})
+    outcome = trial_outcome(run_dir)
+    assert outcome["best_checkpoint"] == outcome["latest_checkpoint"] == str(run_dir / "checkpoint_b")
+    assert outcome["best_epoch"] == 2 and outcome["history"][1]["val_per_patient_dice"] == 0.9
+
+
+def test_per_patient_tables_keep_numeric_looking_volume_ids(tmp_path):
+    from raysegm.metrics import SegmentationMeter
+
+    meter = SegmentationMeter()
+    mask = np.zeros((1, 4, 4), dtype=bool)
+    mask[0, 1, 1] = True
+    for volume_id in ("001", "010", "1"):
+        meter.update([volume_id], [0], mask, mask)
+    meter.per_patient_table().to_csv(tmp_path / "per_patient.csv", index=False)
+    assert read_per_patient(tmp_path / "per_patient.csv")["volume_id"].tolist() == ["001", "010", "1"]
 
 
 # ---------------------------------------------------------------------------------------------------
