@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=None,
                    help="k (default: data.folds where set, else the k a --resume started with, else 5)")
     p.add_argument("--fold", type=int, action="append", default=None,
-                   help="run and score only this fold (repeatable; default: every fold)")
+                   help="train only this fold (repeatable; default: every fold); every finished fold is scored")
     p.add_argument("--resume", action="store_true", help="continue a cross-validation of the same name")
     p.set_defaults(handler=_cv)
 

@@ -20,7 +20,8 @@ the config's infer.tta and infer.postprocess), and the cross-validation folder
                        pooled and per-slice figures beside them, each labelled as such; per fold too
 
 A rerun with `resume` keeps finished folds, continues an unfinished one from its latest checkpoint and
-starts the rest.
+starts the rest. Running some folds only (`only`, `raysegm cv --fold i`) trains those; the tables then
+score every finished fold, so they never describe fewer patients than are done.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ DEFAULT_FOLDS = 5  # k when neither --folds nor data.folds gives one
 
 def run_cv(config: ExperimentConfig, folds: int | None = None, only: list[int] | None = None,
            resume: bool = False) -> dict:
-    """Train and score `folds` folds (or the folds listed in `only`); returns the summary dict.
+    """Train `folds` folds (or those listed in `only`), then score every finished fold; returns the summary.
 
     folds: None takes data.folds where the config sets it, else on a resume the k the cross-validation
     was started with, else DEFAULT_FOLDS."""
@@ -80,7 +81,9 @@ def run_cv(config: ExperimentConfig, folds: int | None = None, only: list[int] |
                 manifest_for(member.data, cv_dir / name / "data")  # the one train() reads
                 fold_patients(cv_dir)  # before training: its patients are every other fold's
                 train(member, resume=state == "unfinished")
-    return write_summary(cv_dir, selected, config)
+    finished = [fold for fold in range(folds)  # those run now and any finished before (--fold runs some)
+                if all(run_state(cv_dir / name, config.train.epochs) == "finished" for name, _ in members(fold, config))]
+    return write_summary(cv_dir, finished, config)
 
 
 def fold_patients(cv_dir: Path) -> set[str]:

@@ -283,3 +283,23 @@ def test_synthetic_folds_generated_in_each_fold_folder_agree(tmp_path):
     for fold in (0, 1):
         manifest_for(replace(config, data={"fold": fold}).data, tmp_path / f"fold-{fold}" / "data")
     assert len(fold_patients(tmp_path)) == 4
+
+
+def test_running_one_fold_scores_every_finished_fold(tmp_path, synth_dir, ray_session):
+    """`raysegm cv --fold 1` after fold 0 finished: the tables hold both folds' patients, not fold 1's."""
+    from raysegm.config import save_json
+    from raysegm.data.discover import prepare
+
+    config = replace(tiny_config(tmp_path, synth_dir), data={"folds": 2})
+    cv_dir = tmp_path / "cv"
+    for fold in (0, 1):
+        run = cv_dir / f"fold-{fold}"
+        prepare(synth_dir, run / "data" / "manifest.parquet", folds=2, fold=fold)
+        latest = _constant_checkpoint(run / "latest", run / "data" / "manifest.parquet", -10.0)
+        (run / "result.json").write_text(json.dumps({"latest_checkpoint": latest, "epochs_completed": 2}))
+    save_json(config, cv_dir / "config.json")
+    summary = run_cv(config, only=[1], resume=True)  # finished: nothing trains
+    assert summary["folds_scored"] == [0, 1]
+    table = pd.read_csv(cv_dir / "per_patient.csv")
+    assert sorted(table["volume_id"]) == sorted(p.name for p in synth_dir.iterdir() if p.is_dir())
+    assert table.groupby("fold")["volume_id"].count().tolist() == [3, 3]
