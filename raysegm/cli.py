@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, default=DataSettings.synthetic_patients)
     p.add_argument("--slices", type=int, default=DataSettings.synthetic_slices, help="slices per patient")
     p.add_argument("--size", type=int, default=128, help="side of the written slices in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DataSettings.split_seed)
     p.set_defaults(handler=_synth)
 
     p = sub.add_parser("prepare", help="find slices, validate them, split by patient, write the manifest")

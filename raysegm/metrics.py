@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+BOOTSTRAP_SAMPLES = 2000  # resamples behind every 95% interval; seed 0, so a table is reproducible
+
 METRICS = ("dice", "iou", "precision", "recall", "specificity", "accuracy")
 
 
@@ -88,7 +90,7 @@ def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None =
     return float(max(np.percentile(to_target[pred_surface], 95), np.percentile(to_pred[target_surface], 95)))
 
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(values: Sequence[float], n_boot: int = BOOTSTRAP_SAMPLES, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean: resample the values (patients) with replacement."""
     values = np.asarray(values, dtype=float)
     if values.ndim != 1 or len(values) == 0:
@@ -106,7 +108,7 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, seed: int = 0, lev
 def paired_bootstrap_diff(
     a: Sequence[float] | Mapping[str, float],
     b: Sequence[float] | Mapping[str, float],
-    n_boot: int = 2000,
+    n_boot: int = BOOTSTRAP_SAMPLES,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, float]:
@@ -127,7 +129,7 @@ def paired_bootstrap_diff(
     return {"mean": float(difference.mean()), "ci_low": low, "ci_high": high}
 
 
-def describe(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+def describe(values: Sequence[float], n_boot: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, float]:
     """mean, median, ci_low, ci_high of per-patient values."""
     low, high = bootstrap_ci(values, n_boot=n_boot, seed=seed)
     return {"mean": float(np.mean(values)), "median": float(np.median(values)), "ci_low": low, "ci_high": high}
@@ -294,7 +296,7 @@ class SegmentationMeter:
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def summary(self, spacing=None, n_boot: int = 2000, seed: int = 0, table: pd.DataFrame | None = None) -> dict:
+    def summary(self, spacing=None, n_boot: int = BOOTSTRAP_SAMPLES, seed: int = 0, table: pd.DataFrame | None = None) -> dict:
         """Headline per-patient statistics, pooled metrics and per-slice mean Dice, as a JSON-able dict.
 
         per_patient: {metric: {mean, median, ci_low, ci_high}} for the six metrics and hd95 (and

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from raysegm.config import DataSettings
+
 INSTITUTIONS = ("CS", "DU", "EZ", "FG", "HT")
 TUMOR_FREE_EVERY = 6  # patient numbers 6, 12, 18, ... have no tumor
 
@@ -143,7 +145,9 @@ def _slice(plan: dict, seed: int, patient: int, slice_number: int, slices: int, 
     return image, mask.astype(np.uint8) * 255
 
 
-def generate_dataset(out_dir, patients: int = 12, slices: int = 16, size: int = 128, seed: int = 0) -> Path:
+def generate_dataset(out_dir, patients: int = DataSettings.synthetic_patients,
+                     slices: int = DataSettings.synthetic_slices, size: int = 128,
+                     seed: int = DataSettings.split_seed) -> Path:
     """Write `patients` synthetic patients of `slices` slices at `size` px in the kaggle_3m layout.
 
     out_dir/SYN_<inst>_<NNNN>_<date>/SYN_<inst>_<NNNN>_<date>_<k>.tif   (size, size, 3) uint8, k 1-based
