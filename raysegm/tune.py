@@ -341,6 +341,15 @@ def scheduler(config: ExperimentConfig):
                          grace_period=config.tune.asha_grace_epochs, stop_last_trials=False)
 
 
+def tune_config(config: ExperimentConfig):
+    """Tune's settings: trials ranked (and ASHA's rungs cut) on validation per-patient Dice, higher better."""
+    from ray import tune
+
+    return tune.TuneConfig(metric=VAL_METRIC, mode="max", scheduler=scheduler(config),
+                           max_concurrent_trials=config.tune.max_concurrent_trials,
+                           trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname)
+
+
 def _tuner(config: ExperimentConfig, study_dir: Path, callbacks: list, restore: bool):
     from ray import tune
 
@@ -356,9 +365,7 @@ def _tuner(config: ExperimentConfig, study_dir: Path, callbacks: list, restore: 
     return tune.Tuner(
         trainable,
         param_space=search_space(config),
-        tune_config=tune.TuneConfig(metric=VAL_METRIC, mode="max", scheduler=scheduler(config),
-                                    max_concurrent_trials=config.tune.max_concurrent_trials,
-                                    trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname),
+        tune_config=tune_config(config),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(study_dir), callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )

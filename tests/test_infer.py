@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -536,7 +537,8 @@ def test_lcc_removes_the_planted_blob_and_never_adds_tumor(ray_session, baseline
 def test_tta_run_from_and_to_uris(ray_session, archive, checkpoint, tmp_path):
     source_uri = Path(archive[0]).resolve().as_uri()
     output_uri = (tmp_path / "tta").as_uri()
-    summary = infer(checkpoint, source_uri, output_uri, SETTINGS, tta=True)
+    # infer.tta from the settings (a preset's infer: tta: true); the tta= argument is None: "the config's"
+    summary = infer(checkpoint, source_uri, output_uri, dataclasses.replace(SETTINGS, tta=True))
     rows = _masks(tmp_path / "tta")
     truth = _truth(archive[0])
     assert summary["ok"] == len(rows) == len(truth)

@@ -117,6 +117,24 @@ def test_a_hand_built_study_gets_its_tables_and_report(hand_built_study):
         assert heading in markdown
 
 
+def test_a_trial_is_scored_by_its_best_checkpoint_not_its_latest(hand_built_study):
+    """t0 goes on to a third epoch that validates worse (0.05) and predicts nothing: its test figures
+    must still be its best (epoch 2) checkpoint's, which predicts tumor everywhere."""
+    from raysegm.checkpoint import load_model, load_training_state, save_checkpoint
+
+    trial = hand_built_study / "trials" / "trial-t0"
+    model, config = load_model(trial / "checkpoint_0")
+    history = load_training_state(trial / "checkpoint_0")["history"]
+    history[3] = {**history[2], "epoch": 3, "val_per_patient_dice": 0.05}
+    torch.nn.init.constant_(model.head.bias, -20.0)
+    save_checkpoint(trial / "checkpoint_1", model, config, training_state={"epoch": 3, "history": history})
+    results = write_results(hand_built_study).set_index("trial_id")
+    assert results.loc["t0", "epochs_completed"] == 3 and results.loc["t0", "best_epoch"] == 2
+    assert results.loc["t0", "checkpoint"] == str(trial / "checkpoint_0")
+    assert results.loc["t0", "val_dice"] == pytest.approx(0.4)
+    assert results.loc["t0", "dice_mean"] > 0.0 == results.loc["t1", "dice_mean"]  # predicts tumor: > 0
+
+
 def test_a_study_copied_from_where_it_ran_gets_its_report_without_overlays(hand_built_study, tmp_path):
     write_results(hand_built_study)
     copy = tmp_path / "copied"

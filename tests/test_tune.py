@@ -28,6 +28,7 @@ from raysegm.tune import (
     run_study,
     summary_markdown,
     trial_outcome,
+    tune_config,
     variant_summary,
 )
 
@@ -140,6 +141,9 @@ def test_asha_stops_trials_by_epoch_on_validation_dice(tmp_path):
     assert isinstance(asha, ASHAScheduler)
     assert (asha._time_attr, asha._max_t, asha._reduction_factor) == ("epoch", 4, 4)
     assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [4, 1]  # rungs at epochs 1 and 4
+    settings = tune_config(tiny_config(tmp_path, "asha", "tune.asha=true", "train.epochs=4"))
+    assert (settings.metric, settings.mode) == ("val_per_patient_dice", "max")  # cut the worst, not the best
+    assert isinstance(settings.scheduler, ASHAScheduler)
 
 
 def test_an_existing_study_needs_resume_and_resume_needs_the_same_experiment(tmp_path):
@@ -389,8 +393,9 @@ def test_a_study_writes_one_complete_row_per_trial(study):
         assert row.dice_median == pytest.approx(patients["dice"].median())
         assert (row.dice_ci_low, row.dice_ci_high) == pytest.approx(bootstrap_ci(patients["dice"].to_numpy()))
         assert row.tumor_free_patients == int((~patients["has_tumor"]).sum())
-        for metric in ("recall", "specificity"):  # the contract's other per-patient metrics, as means
+        for metric in ("recall", "specificity", "precision", "hd95"):  # the contract's others, as means
             assert getattr(row, metric) == pytest.approx(patients[metric].mean())
+        assert row.iou_mean == pytest.approx(patients["iou"].mean())
         trial_curve = curves[curves["trial_id"] == row.trial_id].sort_values("epoch")
         assert trial_curve["epoch"].tolist() == list(range(1, row.epochs_completed + 1))
         assert row.train_time_s == pytest.approx(trial_curve["epoch_time_s"].sum())
