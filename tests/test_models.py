@@ -306,3 +306,56 @@ def test_classic_unet_learns_bright_squares(variant):
         meter.update([f"p{i // 4}" for i in range(8)], list(range(8)), torch.sigmoid(model(test_images)), test_masks)
     assert losses[-1] < 0.5 * losses[0]
     assert meter.summary(n_boot=100)["pooled"]["dice"] > 0.8
+
+
+def squares_among_bars(count: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image: a filled 12x12 square (the mask) and two 4x30 bars exactly as bright (not in the
+    mask). No intensity threshold tells them apart; the shape does."""
+    images = torch.zeros(count, 1, size, size)
+    masks = torch.zeros(count, 1, size, size)
+    for index in range(count):
+        row, col = torch.randint(0, size - 12, (2,), generator=generator).tolist()
+        masks[index, :, row:row + 12, col:col + 12] = 1
+        for horizontal in (True, False):
+            for _ in range(20):  # a place that does not touch the square
+                r, c = torch.randint(0, size - 30, (2,), generator=generator).tolist()
+                bar = torch.zeros(size, size)
+                if horizontal:
+                    bar[r:r + 4, c:c + 30] = 1
+                else:
+                    bar[r:r + 30, c:c + 4] = 1
+                if not (bar[max(row - 2, 0):row + 14, max(col - 2, 0):col + 14]).any():
+                    break
+            images[index, 0] = torch.maximum(images[index, 0], bar)
+    images = torch.maximum(images, masks) + 0.2 * torch.randn(count, 1, size, size, generator=generator)
+    return images.expand(-1, 3, -1, -1).contiguous(), masks
+
+
+@pytest.mark.parametrize("variant", list(REGISTRY))
+def test_every_variant_learns_a_shape_no_threshold_separates(variant):
+    """The best single intensity threshold scores pooled Dice < 0.6 here; each model must reach 0.8."""
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    settings = ModelSettings(variant=variant, encoder="resnet18", decoder_channels=(64, 32, 16, 8),
+                             unet_width=8, unet_depth=3)
+    model = create_model(settings)
+    loss_fn = make_loss("bce_dice")
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    train_images, train_masks = squares_among_bars(32, 64, generator)
+    for step in range(120):
+        batch = slice((step % 4) * 8, (step % 4) * 8 + 8)
+        optimizer.zero_grad()
+        loss_fn(model(train_images[batch]), train_masks[batch]).backward()
+        optimizer.step()
+    test_images, test_masks = squares_among_bars(8, 64, generator)
+    best_threshold = max(_pooled_dice(test_images[:, :1] > t, test_masks > 0) for t in torch.linspace(-0.5, 1.5, 41))
+    assert best_threshold < 0.6
+    model.eval()
+    meter = SegmentationMeter()
+    with torch.no_grad():
+        meter.update([f"p{i}" for i in range(8)], [0] * 8, torch.sigmoid(model(test_images)), test_masks)
+    assert meter.summary(n_boot=100)["pooled"]["dice"] > 0.8
+
+
+def _pooled_dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    return float(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
