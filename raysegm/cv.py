@@ -46,8 +46,11 @@ def run_cv(config: ExperimentConfig, folds: int | None = None, only: list[int] |
     if config.data.manifest:
         raise ValueError("cross-validation splits the patients itself: give data.data_dir (or no data for "
                          "synthetic data), not data.manifest")
+    cv_dir = Path(config.run.storage_path).expanduser().resolve() / config.run.name  # made further down
+    saved = cv_dir / "config.json"
+    started = json.loads(saved.read_text()) if saved.is_file() else None
     if folds is None:  # a resume keeps the k it was started with
-        folds = config.data.folds or (resume and _saved_folds(config)) or DEFAULT_FOLDS
+        folds = config.data.folds or (resume and started and started["data"]["folds"]) or DEFAULT_FOLDS
     if folds < 2:
         raise ValueError(f"--folds must be at least 2, got {folds}")
     if config.train.ensemble < 1:
@@ -56,14 +59,12 @@ def run_cv(config: ExperimentConfig, folds: int | None = None, only: list[int] |
     if not selected or not all(0 <= i < folds for i in selected):
         raise ValueError(f"folds to run must lie in 0..{folds - 1}, got {only}")
     check_settings(config)  # before any folder is made (a URI storage_path would become a local one)
-    cv_dir = Path(config.run.storage_path).expanduser().resolve() / config.run.name
     config = replace(config, data={"folds": folds})
-    saved = cv_dir / "config.json"
-    if saved.is_file():
+    if started is not None:
         if not resume:
             raise FileExistsError(f"{cv_dir} already holds a cross-validation: continue it with --resume "
                                   f"or choose another run.name")
-        _check_same(json.loads(saved.read_text()), config, saved)
+        _check_same(started, config, saved)
     elif resume:
         raise FileNotFoundError(f"nothing to resume: {cv_dir} holds no cross-validation")
     ensure_ray(config.scale)
@@ -82,7 +83,8 @@ def run_cv(config: ExperimentConfig, folds: int | None = None, only: list[int] |
                 fold_patients(cv_dir)  # before training: its patients are every other fold's
                 train(member, resume=state == "unfinished")
     finished = [fold for fold in range(folds)  # those run now and any finished before (--fold runs some)
-                if all(run_state(cv_dir / name, config.train.epochs) == "finished" for name, _ in members(fold, config))]
+                if all(run_state(cv_dir / name, config.train.epochs) == "finished"
+                       for name, _ in members(fold, config))]
     return write_summary(cv_dir, finished, config)
 
 
@@ -114,11 +116,6 @@ def fold_patients(cv_dir: Path) -> set[str]:
                              f"{only_here[:5]}; only in the second: {only_there[:5]}): the folds would not "
                              f"partition the patients; the data folder changed between folds")
     return set() if first is None else first[1]
-
-
-def _saved_folds(config: ExperimentConfig) -> int:
-    saved = Path(config.run.storage_path).expanduser().resolve() / config.run.name / "config.json"
-    return int(json.loads(saved.read_text())["data"]["folds"]) if saved.is_file() else 0
 
 
 def members(fold: int, config: ExperimentConfig) -> list[tuple[str, int]]:
