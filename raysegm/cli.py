@@ -153,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--split", default="test")
     p.add_argument("--out", help="write the summary and per-patient table here")
-    p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
-    p.add_argument("--postprocess", choices=POSTPROCESS, default="none",
-                   help="lcc: keep the largest 3D connected component per volume (lcc_slices: the one "
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="horizontal-flip test-time augmentation (default: the checkpoint's infer.tta)")
+    p.add_argument("--postprocess", choices=POSTPROCESS, default=None,
+                   help="default: the checkpoint's infer.postprocess; none: the raw masks; lcc: keep the largest 3D connected component per volume (lcc_slices: the one "
                         "spanning the most slices); fill_holes: fill the holes of each slice's mask; "
                         "lcc+fill_holes, lcc_slices+fill_holes: both, in that order")
     p.set_defaults(handler=_evaluate)

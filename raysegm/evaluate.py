@@ -25,7 +25,7 @@ BATCH_SLICES = 16  # slices per forward pass
 
 
 def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "test", out=None, *,
-                        tta: bool = False, postprocess: str = "none") -> dict:
+                        tta: bool | None = None, postprocess: str | None = None) -> dict:
     """Per-patient, pooled and per-slice numbers of `checkpoint` on `split`.
 
     checkpoint: a checkpoint folder, or a run folder (its result.json names the best checkpoint).
@@ -49,8 +49,8 @@ def evaluate_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "
     return summary
 
 
-def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "test", *, tta: bool = False,
-                     postprocess: str = "none", work_dir=None):
+def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "test", *, tta: bool | None = None,
+                     postprocess: str | None = None, work_dir=None):
     """(what was scored, a SegmentationMeter holding every labeled slice of `split` with its masks).
 
     `checkpoint` may be a list: an ensemble, whose members' probabilities are averaged before the
@@ -58,6 +58,7 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     Its members must share the data settings that shape what a slice looks like to the model
     (raysegm.checkpoint.INPUT_SETTINGS), so one preprocessing serves them all. The same average is one
     checkpoint with raysegm.checkpoint.save_ensemble.
+    `tta`, `postprocess`: None takes the (first) checkpoint's infer.tta / infer.postprocess.
     A manifest prepared from `data_dir` is written to `work_dir` (a temporary folder when None). The
     meter can be merged with others (raysegm.cv pools the folds of a cross-validation).
     """
@@ -70,8 +71,6 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     from raysegm.models import model_name
     from raysegm.storage import best_checkpoint_of
 
-    if postprocess not in POSTPROCESS:
-        raise ValueError(f"postprocess must be one of {list(POSTPROCESS)}, got {postprocess!r}")
     members = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     if not members:
         raise ValueError("checkpoint: an empty list of ensemble members")
@@ -82,6 +81,10 @@ def score_checkpoint(checkpoint, manifest=None, data_dir=None, split: str = "tes
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models, configs = zip(*(load_model(member, device=device) for member in members))  # in eval mode
     config = configs[0]
+    tta = config.infer.tta if tta is None else tta
+    postprocess = config.infer.postprocess if postprocess is None else postprocess
+    if postprocess not in POSTPROCESS:
+        raise ValueError(f"postprocess must be one of {list(POSTPROCESS)}, got {postprocess!r}")
     for member, other in zip(members[1:], configs[1:]):
         differ = input_settings_differ(config, other)
         if differ:

@@ -242,7 +242,7 @@ def _train_ensemble(config: ExperimentConfig, run_dir: Path) -> dict:
     latest = save_ensemble(run_dir / "ensemble-latest", [m["latest_checkpoint"] for m in members])
     # The ensemble's own validation figures, measured as each epoch's are (no TTA, no post-processing).
     manifest = config.data.manifest or Path(members[0]["run_dir"]) / "data" / "manifest.parquet"
-    _, meter = score_checkpoint(best, manifest=manifest, split="val")
+    _, meter = score_checkpoint(best, manifest=manifest, split="val", tta=False, postprocess="none")
     scores = meter.summary()
     summary = {
         "run_dir": str(run_dir),

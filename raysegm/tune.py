@@ -57,12 +57,13 @@ MAIN_AXES = ("model.variant", "train.batch_size", "train.loss")
 # difference, so a pair gets no verdict.
 MIN_PATIENTS_FOR_VERDICT = 5
 # Keys that may change when a study is resumed: where and how it runs, not what it measures. The data
-# ones of RUN_ONLY (read workers, their cache) are applied to the resumed study; data.manifest may be
+# and infer ones of RUN_ONLY (read workers, their cache; inference batches, replicas, threads) are applied
+# to the resumed study, not infer.tta or infer.postprocess, which score its trials; data.manifest may be
 # left out or differ, and the study keeps the one it resolved at its start. Tune's own (trials at once,
 # trial CPUs, MLflow tracking) may not change: Tuner.restore reloads them from the experiment state as
 # the study started, and each restored trial keeps its resource request.
-RESUMED_RUN_ONLY = ("data",)
-RESUMABLE_KEYS = ("scale.", "run.", "infer.", "data.manifest",
+RESUMED_RUN_ONLY = ("data", "infer")
+RESUMABLE_KEYS = ("scale.", "run.", "data.manifest",
                   *(f"{section}.{key}" for section in RESUMED_RUN_ONLY for key in RUN_ONLY[section]))
 # The paper's Table 5 as printed (accuracy, Dice, IoU, loss).
 PAPER_TABLE5 = [
@@ -223,7 +224,7 @@ def _resumed_config(study_dir: Path, config: ExperimentConfig) -> ExperimentConf
     if changed:
         raise ValueError(f"cannot resume {study_dir} with a different experiment: "
                          + ", ".join(f"{key} {before[key]!r} -> {after.get(key)!r}" for key in changed))
-    operational = {section: to_dict(config)[section] for section in ("scale", "infer")}
+    operational = {"scale": to_dict(config)["scale"]}
     for section in RESUMED_RUN_ONLY:
         operational[section] = {key: getattr(getattr(config, section), key) for key in RUN_ONLY[section]}
     return replace(saved, **operational)
@@ -487,6 +488,7 @@ def _trial_records(result_grid) -> list[dict]:
 def write_results(study_dir: str | Path) -> pd.DataFrame:
     """Score each trial's best checkpoint on the test split and write every table; returns the results.
 
+    Each is scored with the study's infer.tta and infer.postprocess, as `raysegm cv` scores its folds.
     Reads config.json and trials.json; can be run again on a finished study.
     """
     from raysegm.checkpoint import load_model
@@ -517,7 +519,7 @@ def write_results(study_dir: str | Path) -> pd.DataFrame:
                     "loss": row["loss"], **epoch_row} for epoch_row in history]
         out = study_dir / EVALUATION_DIR / f"trial-{trial_id}"
         summary = evaluate_checkpoint(outcome["best_checkpoint"], manifest=config.data.manifest, split="test",
-                                      out=out)
+                                      out=out, tta=config.infer.tta, postprocess=config.infer.postprocess)
         patients = read_per_patient(out / "per_patient.csv")
         per_patient.append(patients.assign(trial_id=trial_id, variant=row["variant"], model=row["model"]))
         total, trainable = count_parameters(load_model(outcome["best_checkpoint"])[0])

@@ -223,6 +223,35 @@ def test_tta_and_postprocessing_score_as_computed_by_hand(all_test_manifest, tmp
     assert summary["per_patient"]["dice"]["mean"] != pytest.approx(plain["per_patient"]["dice"]["mean"])
 
 
+def test_a_checkpoint_is_scored_with_its_own_infer_settings_unless_told_otherwise(all_test_manifest, tmp_path,
+                                                                                  capsys):
+    from raysegm.cli import main
+    from raysegm.config import replace
+
+    _, _, plain_checkpoint = centred_model(all_test_manifest, tmp_path / "random")
+    model, config = load_model(plain_checkpoint)
+    preset = save_checkpoint(tmp_path / "preset", model,
+                             replace(config, infer={"tta": True, "postprocess": "lcc+fill_holes"}))
+    shipped = evaluate_checkpoint(preset, manifest=all_test_manifest, split="test", out=tmp_path / "shipped")
+    told = evaluate_checkpoint(plain_checkpoint, manifest=all_test_manifest, split="test", tta=True,
+                               postprocess="lcc+fill_holes")
+    raw = evaluate_checkpoint(preset, manifest=all_test_manifest, split="test", tta=False, postprocess="none")
+    plain = evaluate_checkpoint(plain_checkpoint, manifest=all_test_manifest, split="test")
+    assert (shipped["tta"], shipped["postprocess"]) == (True, "lcc+fill_holes")
+    assert (raw["tta"], raw["postprocess"]) == (plain["tta"], plain["postprocess"]) == (False, "none")
+    assert shipped["per_patient"] == told["per_patient"] and raw["per_patient"] == plain["per_patient"]
+    assert shipped["per_patient"]["dice"]["mean"] != pytest.approx(raw["per_patient"]["dice"]["mean"])
+    # The CLI: no flag keeps the checkpoint's settings; --no-tta --postprocess none scores the raw model.
+    common = ["evaluate", "--checkpoint", str(preset), "--manifest", str(all_test_manifest), "--split", "test"]
+    assert main([*common, "--out", str(tmp_path / "cli-shipped")]) == 0
+    assert main([*common, "--no-tta", "--postprocess", "none", "--out", str(tmp_path / "cli-raw")]) == 0
+    capsys.readouterr()
+    for folder, expected in (("cli-shipped", shipped), ("cli-raw", raw)):
+        written = json.loads((tmp_path / folder / "summary.json").read_text())
+        assert (written["tta"], written["postprocess"]) == (expected["tta"], expected["postprocess"])
+        assert written["per_patient"] == json.loads(json.dumps(expected["per_patient"]))
+
+
 def test_unknown_postprocess_is_refused(all_test_manifest, tmp_path):
     checkpoint = make_checkpoint(tmp_path / "ckpt", all_test_manifest, head_bias=10.0)
     with pytest.raises(ValueError, match="postprocess must be one of"):

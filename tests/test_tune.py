@@ -170,6 +170,11 @@ def test_a_resumed_study_takes_new_read_settings_and_keeps_what_it_measures(tmp_
     assert (resumed.data.read_cpus, resumed.data.read_tasks, resumed.data.read_cache_mb) == (0.5, 4, 0)
     assert resumed.scale.torch_threads == 2
     assert resumed.data.size == config.data.size == 64
+    # Nor how its trials are scored after the search.
+    with pytest.raises(ValueError, match=r"infer.postprocess 'none' -> 'lcc', infer.tta False -> True"):
+        _resumed_config(tmp_path / "held", replace(faster, infer={"tta": True, "postprocess": "lcc"}))
+    wider = _resumed_config(tmp_path / "held", replace(faster, infer={"batch_size": 64, "replicas": 2}))
+    assert (wider.infer.batch_size, wider.infer.replicas) == (64, 2)
     # The data that is trained on is not: a new size or context is refused, naming each setting.
     other = replace(faster, data={"size": 32, "context_slices": 1})
     with pytest.raises(ValueError, match=r"data.context_slices 0 -> 1, data.size 64 -> 32"):
@@ -419,6 +424,30 @@ def test_a_study_writes_one_complete_row_per_trial(study):
         assert (study / name).read_text().count("\n|") >= 2, name
     launches = read_launches(study)
     assert (launches.groupby("trial_id").size() == 1).all() and set(launches["action"]) == {"train"}
+
+
+@pytest.mark.slow
+def test_trials_are_scored_with_the_studys_infer_settings(study, tmp_path):
+    import shutil
+
+    from raysegm.evaluate import evaluate_checkpoint
+    from raysegm.tune import write_results
+
+    copy = tmp_path / "study"
+    shutil.copytree(study, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["infer"].update(tta=True, postprocess="lcc+fill_holes")
+    (copy / "config.json").write_text(json.dumps(config))
+    write_results(copy)
+    for trial in json.loads((copy / "results.json").read_text()):
+        scored = json.loads((copy / "evaluation" / f"trial-{trial['trial_id']}" / "summary.json").read_text())
+        assert (scored["tta"], scored["postprocess"]) == (True, "lcc+fill_holes")
+        # The trial's checkpoint was saved with the study's original infer settings (no TTA, none).
+        best = trial_outcome(copy / "trials" / f"trial-{trial['trial_id']}")["best_checkpoint"]
+        expected = evaluate_checkpoint(best, manifest=config["data"]["manifest"], split="test", tta=True,
+                                       postprocess="lcc+fill_holes")
+        assert scored["per_patient"] == json.loads(json.dumps(expected["per_patient"]))
+        assert trial["dice_mean"] == pytest.approx(expected["per_patient"]["dice"]["mean"])
 
 
 def _wait_for(predicate, timeout: float, what: str, process=None):
