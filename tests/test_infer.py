@@ -146,9 +146,10 @@ def _truth(root: Path) -> pd.DataFrame:
 
 
 def _pooled_dice(predicted: list[np.ndarray], truth: list[np.ndarray]) -> float:
-    overlap = sum(int((p & t).sum()) for p, t in zip(predicted, truth))
-    total = sum(int(p.sum()) + int(t.sum()) for p, t in zip(predicted, truth))
-    return 2 * overlap / total if total else 1.0
+    """The contract's pooled Dice: every slice's confusion counts summed, then scored once."""
+    from raysegm.metrics import confusion_counts, scores
+
+    return scores(sum(confusion_counts(p, t) for p, t in zip(predicted, truth)))["dice"]
 
 
 def _masks(output: Path) -> pd.DataFrame:
