@@ -84,7 +84,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -525,9 +525,12 @@ def _stage(input_location: str, staging: Path) -> tuple[Path, str]:
     fs, path = pafs.FileSystem.from_uri(input_location)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input not found: {input_location}")
-    print(f"infer: copying {input_location} to {staging} (URI inputs are staged locally)", flush=True)
-    pafs.copy_files(path, str(staging), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return staging.resolve(), input_location.rstrip("/")
+    # Under the folder's own name, so images at its top get the volume_id a local path gives them.
+    root = staging / (PurePosixPath(path.rstrip("/")).name or "input")
+    root.mkdir(parents=True)  # copy_files makes the folders below the destination, not the destination
+    print(f"infer: copying {input_location} to {root} (URI inputs are staged locally)", flush=True)
+    pafs.copy_files(path, str(root), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return root.resolve(), input_location.rstrip("/")
 
 
 def _source(path: str, root: Path, prefix: str) -> str:
@@ -592,7 +595,8 @@ def _error_rows(rejects: pd.DataFrame, slices: pd.DataFrame, root: Path, prefix:
                                                     rejects["slice_index"].astype(int)):
         if (volume_id, slice_index) in known:
             if re.search(r"_(mask|seg)$", Path(path).stem):
-                print(f"infer: note: {path}: {reason} (the slice itself is still segmented)", file=sys.stderr)
+                print(f"infer: note: {path}: {reason} (a mask file, which inference does not read; "
+                      f"slice {slice_index} of {volume_id} is segmented from its own image)", file=sys.stderr)
                 continue
             slice_index = -1
         nifti = str(path).lower().endswith((".nii", ".nii.gz"))

@@ -341,6 +341,39 @@ def test_image_folder_without_distinct_numbers_takes_natural_order(tmp_path):
     assert slices["slice_index"].tolist() == [0, 1, 2, 3]
 
 
+def test_numbers_beyond_int32_are_positions_in_an_image_folder_and_rejected_in_kaggle_3m(tmp_path):
+    root = tmp_path / "scans"
+    root.mkdir()
+    # timestamp-like names: as int32 the last would wrap to 805155840, the first's and the second's
+    names = ("img_20230101120000", "img_20230101120001", "img_5100123136")
+    for index, name in enumerate(names):
+        Image.fromarray(np.full((8, 8), index, np.uint8)).save(root / f"{name}.png")
+    slices, rejects = discover(root)
+    assert rejects.empty
+    assert slices["slice_index"].tolist() == [0, 1, 2]  # natural name order, numbers compared whole
+    assert [Path(p).stem for p in slices["image_path"]] == ["img_5100123136", *names[:2]]
+
+    folder = tmp_path / "kaggle_3m" / "TCGA_CS_4941_19960909"
+    folder.mkdir(parents=True)
+    for k in (1, 2, 4294967297):  # 2**32 + 1 would wrap to 1
+        tifffile.imwrite(folder / f"{folder.name}_{k}.tif", np.full((8, 8, 3), k % 250, np.uint8), photometric="rgb")
+    slices, rejects = discover(tmp_path / "kaggle_3m")
+    assert slices["slice_index"].tolist() == [1, 2]
+    assert rejects["path"].map(lambda p: Path(p).name).tolist() == [f"{folder.name}_4294967297.tif"]
+    assert "beyond the manifest's int32 slice_index" in rejects["reason"].iloc[0]
+
+
+def test_planar_rgb_tifs_read_as_rgb_and_multi_page_tifs_are_named(tmp_path):
+    from raysegm.data.io import read_slice_file
+
+    rgb = np.random.default_rng(0).integers(0, 255, size=(12, 10, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    np.testing.assert_array_equal(read_slice_file(tmp_path / "planar.tif"), rgb)
+    tifffile.imwrite(tmp_path / "stack.tif", np.moveaxis(rgb, -1, 0), photometric="minisblack")  # 3 pages
+    with pytest.raises(DataError, match=r"stack.tif: multi-page tif \(3 images\)"):
+        read_slice_file(tmp_path / "stack.tif")
+
+
 # ---------------------------------------------------------------------------------------------------
 # NIfTI volumes
 

@@ -18,6 +18,7 @@ import pyarrow.dataset as pads
 import pytest
 import tifffile
 import torch
+from PIL import Image
 
 from raysegm.checkpoint import load_model, model_id, save_checkpoint, save_ensemble
 from raysegm.config import ExperimentConfig, InferSettings, replace
@@ -35,6 +36,7 @@ from raysegm.infer import (
     _error_rows,
     _finish_volume,
     _read_checkpoint,
+    _stage,
     arithmetic_of,
     decode_mask_png,
     encode_mask_png,
@@ -447,6 +449,24 @@ def test_a_run_folder_stands_for_its_best_checkpoint(untrained_checkpoint, tmp_p
     (run_dir / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"has no config.json and no model.safetensors \(or model.pt\)$"):
         _read_checkpoint(str(run_dir))
+
+
+def test_a_uri_input_is_staged_under_its_own_name_flat_or_nested(tmp_path):
+    """A flat folder of images (no subfolder) copies, and its volume_id is the folder's name as for a path."""
+    root = tmp_path / "scans"
+    (root / "a_sub").mkdir(parents=True)
+    for folder in (root, root / "a_sub"):
+        for k in range(3):
+            Image.fromarray(np.full((8, 8), 10 * k, np.uint8)).save(folder / f"img_{k}.png")
+    for input_root in (root / "a_sub", root):  # flat, then nested
+        local, prefix = _stage(str(input_root), tmp_path / "unused")
+        staged, uri = _stage(input_root.as_uri() + "/", tmp_path / f"staging-{input_root.name}")
+        assert (prefix, uri) == (str(input_root), input_root.as_uri())
+        by_path, by_uri = discover(local)[0], discover(staged)[0]
+        assert len(by_path) == len(by_uri) > 0
+        assert by_uri["volume_id"].tolist() == by_path["volume_id"].tolist()
+        assert [Path(p).relative_to(staged) for p in by_uri["image_path"]] == \
+            [Path(p).relative_to(local) for p in by_path["image_path"]]
 
 
 def test_read_stage_turns_an_unreadable_file_into_an_error_row(tmp_path, archive):

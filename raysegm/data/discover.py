@@ -9,8 +9,9 @@ Layouts:
 - `image`: any other folder of 2D images (tif, tiff, png), each optionally with a `<stem>_mask` twin.
   volume_id is the folder's path relative to the data folder (the data folder's own name for images
   at its top), so one folder is one volume. slice_index is the trailing number of each file stem when
-  every image of the folder has a distinct one, otherwise the 0-based position in natural name order
-  (digit runs compared as numbers: `case_2` before `case_10`).
+  every image of the folder has a distinct one that fits the manifest's int32 (a timestamp-like
+  `img_20230101120000` does not), otherwise the 0-based position in natural name order (digit runs
+  compared as numbers: `case_2` before `case_10`).
 - Both 2D layouts: a volume has one channel count and one slice size, the ones most of its readable
   slices have (ties: the earliest slice's); a slice with another count or size is rejected.
 - `nifti`: `.nii`/`.nii.gz` cases (suffix in any case), one 4D file (modalities last) or 3D file per
@@ -68,6 +69,7 @@ SIDECAR_SUFFIXES = (".csv", ".json", ".txt", ".md", ".yaml", ".yml", ".parquet")
 KAGGLE_FOLDER = re.compile(r"^[A-Za-z0-9]+_([A-Za-z0-9]+)_[A-Za-z0-9_]+$")
 MODALITY = re.compile(r"^(.+)_(\d{4})$")
 TRAILING_NUMBER = re.compile(r"(\d+)$")
+MAX_SLICE_INDEX = np.iinfo(np.int32).max  # slice_index is int32 in the manifest and the Parquet output
 STATS_PERCENTILES = tuple(DataSettings.clip_percentiles)  # the default; the manifest stores these
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = [
@@ -122,6 +124,8 @@ def _slice_numbers(folder: Path, images: dict[str, Path], masks: dict[str, Path]
             number = int(match.group(1)) if match else None
             if not (match and path.suffix.lower() in (".tif", ".tiff")):
                 reason = f"name does not follow the kaggle_3m pattern {folder.name}_<k>.tif"
+            elif number > MAX_SLICE_INDEX:
+                reason = f"slice number {number} is beyond the manifest's int32 slice_index"
             elif number in taken:  # _1 and _01
                 reason = f"slice number {number} is also {taken[number].name}"
             else:
@@ -131,8 +135,10 @@ def _slice_numbers(folder: Path, images: dict[str, Path], masks: dict[str, Path]
             rejects.add(path, reason + (f"; its mask {mask.name} is left out with it" if mask else ""), volume_id)
         return numbers, True
     trailing = {stem: TRAILING_NUMBER.search(stem) for stem in images}
-    if all(trailing.values()) and len({int(m.group(1)) for m in trailing.values()}) == len(images):
-        return {stem: int(match.group(1)) for stem, match in trailing.items()}, True
+    if all(trailing.values()):
+        numbers = {stem: int(match.group(1)) for stem, match in trailing.items()}
+        if len(set(numbers.values())) == len(images) and max(numbers.values(), default=0) <= MAX_SLICE_INDEX:
+            return numbers, True
     return {stem: position for position, stem in enumerate(sorted(images, key=natural_key))}, False
 
 

@@ -79,7 +79,12 @@ def _decode_2d(path: Path) -> np.ndarray:
                 if end > path.stat().st_size:
                     raise DataError(path, f"truncated tif (pixel data ends at byte {end}, the file has "
                                           f"{path.stat().st_size} bytes)")
-                return tif.asarray()
+                pages = sum(not page.is_reduced for page in tif.pages)  # thumbnails aside
+                if pages > 1:  # asarray() would read the first image alone
+                    raise DataError(path, f"multi-page tif ({pages} images): one 2D slice per file expected")
+                pixels, axes = tif.asarray(), tif.series[0].axes
+                # planar RGB (planarconfig separate) decodes samples first, (3, H, W): as contiguous
+                return np.moveaxis(pixels, 0, -1) if axes == "SYX" else pixels
         except DataError:
             raise
         except Exception as error:  # tifffile raises many kinds on garbage bytes
