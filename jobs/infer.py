@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working directory's raysegm, uninstalled
 
 from raysegm.config import POSTPROCESS, load_config  # noqa: E402
-from raysegm.infer import infer  # noqa: E402
+from raysegm.infer import infer, saved_infer_choices  # noqa: E402
 from raysegm.storage import check_job_outputs  # noqa: E402
 
 
@@ -29,12 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML preset (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="horizontal-flip test-time augmentation (default: the config's infer.tta)")
-    parser.add_argument("--postprocess", choices=POSTPROCESS, default=None)
+                        help="horizontal-flip test-time augmentation (default: the config's infer.tta "
+                             "where --config or --set gives one, else the checkpoint's)")
+    parser.add_argument("--postprocess", choices=POSTPROCESS, default=None,
+                        help="default: the config's infer.postprocess where given, else the checkpoint's")
     parser.add_argument("--address", default="auto" if os.environ.get("RAY_ADDRESS") else None)
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, base={"infer": saved_infer_choices(args.checkpoint)})
         check_job_outputs(**{"--output": args.output})
         infer(args.checkpoint, args.input, args.output, config.infer, tta=args.tta, postprocess=args.postprocess,
               ray_address=args.address)

@@ -72,9 +72,12 @@ def _evaluate(args) -> int:
 
 
 def _infer(args) -> int:
-    from raysegm.infer import infer
+    from raysegm.config import load_config
+    from raysegm.infer import infer, saved_infer_choices
 
-    infer(args.checkpoint, args.input, args.output, _config(args).infer, tta=args.tta,
+    # tta and postprocess: the flags, else --config/--set, else the checkpoint's own
+    config = load_config(args.config, args.overrides, base={"infer": saved_infer_choices(args.checkpoint)})
+    infer(args.checkpoint, args.input, args.output, config.infer, tta=args.tta,
           postprocess=args.postprocess, ray_address=args.address)
     return 0
 
@@ -167,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="horizontal-flip test-time augmentation (default: the config's infer.tta)")
-    p.add_argument("--postprocess", choices=POSTPROCESS, default=None)
+                   help="horizontal-flip test-time augmentation (default: the config's infer.tta where "
+                        "--config or --set gives one, else the checkpoint's)")
+    p.add_argument("--postprocess", choices=POSTPROCESS, default=None,
+                   help="default: the config's infer.postprocess where given, else the checkpoint's")
     p.add_argument("--address", default=None, help="Ray address (default: local or RAY_ADDRESS)")
     p.set_defaults(handler=_infer)
 

@@ -293,9 +293,11 @@ def parse_override(text: str) -> tuple[list[str], object]:
         raise ValueError(f"--set {text!r}: the value is not valid YAML ({error})") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Defaults, then the YAML preset at `path`, then each `key=value` override, checked by type."""
-    values: dict = {}
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> ExperimentConfig:
+    """Defaults, then `base` (sections a caller layers under the preset, such as a checkpoint's own infer
+    choices), then the YAML preset at `path`, then each `key=value` override, checked by type."""
+    values: dict = dict(base or {})
     if path:
         path = Path(path)
         if not path.is_file():
@@ -314,7 +316,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             from_dict(loaded)  # the preset's own keys and types, checked before the overrides
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
-        values = loaded
+        values = _merge(values, loaded)
     for text in overrides:
         keys, value = parse_override(text)
         update: dict = {keys[-1]: value}

@@ -496,6 +496,19 @@ class OutputFolder:
 # Input: staging a URI, discovery, rejects as error rows
 
 
+def saved_infer_choices(checkpoint) -> dict:
+    """{"tta", "postprocess"} saved in a checkpoint's config.json (a run folder: its best checkpoint's), the
+    defaults `raysegm infer` layers under its --config; {} where there is none to read (infer then names
+    what is missing)."""
+    fs, base = filesystem(best_checkpoint_of(str(checkpoint)))
+    path = f"{base.rstrip('/')}/config.json"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return {}
+    with fs.open_input_stream(path) as stream:
+        saved = json.loads(stream.read()).get("infer", {})
+    return {key: saved[key] for key in ("tta", "postprocess") if key in saved}
+
+
 def _read_checkpoint(checkpoint: str) -> dict[str, bytes]:
     """The checkpoint folder's files (local path or URI) as {name: bytes}, to ship to the replicas.
 

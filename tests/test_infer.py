@@ -579,6 +579,37 @@ def test_tta_run_from_and_to_uris(ray_session, archive, checkpoint, tmp_path):
         _assert_mask_is(by_slice.loc[key, "mask"], probs[i])
 
 
+@pytest.mark.slow
+def test_the_cli_infers_with_the_checkpoints_own_choices_unless_the_config_says(ray_session, untrained_checkpoint,
+                                                                                tmp_path, capsys):
+    from raysegm.cli import main
+    from raysegm.infer import saved_infer_choices
+
+    model, config = load_model(untrained_checkpoint)
+    preset = save_checkpoint(tmp_path / "preset", model, replace(config, infer={"tta": True, "postprocess": "lcc"}))
+    run_dir = tmp_path / "run"  # a run folder stands for its best checkpoint
+    run_dir.mkdir()
+    (run_dir / "result.json").write_text(json.dumps({"best_checkpoint": str(preset)}))
+    assert saved_infer_choices(run_dir) == saved_infer_choices(preset) == {"tta": True, "postprocess": "lcc"}
+    assert saved_infer_choices(tmp_path / "absent") == {}
+    root = generate_dataset(tmp_path / "kaggle_3m", patients=1, slices=4, size=SIZE, seed=7)
+    how = ["--set", "infer.batch_size=8", "--set", "infer.cpus_per_replica=0.5", "--set", "infer.torch_threads=1"]
+    preset_yaml = tmp_path / "no-tta.yaml"
+    preset_yaml.write_text("infer:\n  tta: false\n")
+    for name, extra, expected in (
+        ("saved", [], (True, "lcc")),  # nothing said: the checkpoint's
+        ("yaml", ["--config", str(preset_yaml)], (False, "lcc")),  # the preset's tta, the checkpoint's lcc
+        ("set", ["--set", "infer.postprocess=fill_holes"], (True, "fill_holes")),
+        ("flags", ["--no-tta", "--postprocess", "none"], (False, "none")),
+    ):
+        output = tmp_path / name
+        assert main(["infer", "--checkpoint", str(run_dir), "--input", str(root), "--output", str(output),
+                     *how, *extra]) == 0, capsys.readouterr().err
+        settings = json.loads((output / METADATA).read_text())["settings"]
+        assert (settings["tta"], settings["postprocess"]) == expected, name
+        assert len(pd.read_parquet(output)) == 4
+
+
 def test_bad_files_become_error_rows_and_the_rest_flows(ray_session, untrained_checkpoint, tmp_path):
     root = generate_dataset(tmp_path / "kaggle_3m", patients=2, slices=6, size=SIZE, seed=3)
     good, _ = discover(root)
