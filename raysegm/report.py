@@ -173,12 +173,14 @@ def plot_per_patient(per_patient: pd.DataFrame, summary: pd.DataFrame, path: Pat
     plt.close(figure)
 
 
-def predict_patient(checkpoint: str, manifest_path: str, volume_id: str) -> list[dict]:
-    """Every slice of one patient predicted by `checkpoint` with its own preprocessing.
+def predict_patient(checkpoint: str, manifest_path: str, volume_id: str, *, tta: bool = False,
+                    postprocess: str = "none") -> list[dict]:
+    """Every slice of one patient predicted by `checkpoint` with its own preprocessing, as raysegm.evaluate
+    scores it with the same `tta` and `postprocess` (the study's infer settings).
 
     Returns one dict per slice in slice order: slice_index, image (H, W, C as read), truth (H, W) bool,
-    probability (H, W) float32 at the slice's own resolution (bilinear from the model's size, as
-    raysegm.evaluate scores it).
+    prediction (H, W) bool at the slice's own resolution: the probability, bilinear from the model's size,
+    above the contract's threshold, then `postprocess` over the patient's volume.
     """
     import torch
     import torch.nn.functional as F
@@ -188,6 +190,8 @@ def predict_patient(checkpoint: str, manifest_path: str, volume_id: str) -> list
     from raysegm.data.discover import load_manifest
     from raysegm.data.io import read_mask
     from raysegm.data.preprocess import preprocess_image
+    from raysegm.infer import postprocess_slices, probabilities
+    from raysegm.metrics import SegmentationMeter
 
     model, config = load_model(checkpoint)
     manifest = load_manifest(manifest_path)
@@ -197,18 +201,22 @@ def predict_patient(checkpoint: str, manifest_path: str, volume_id: str) -> list
         raise ValueError(f"{manifest_path}: no slices of patient {volume_id!r}")
     channels, k = config.data.in_channels, config.data.context_slices
     centre = slice(k * channels, (k + 1) * channels)  # of a 2.5D stack (raysegm.data.context)
+    threshold = SegmentationMeter().threshold
     slices = []
     with torch.no_grad():
         for record in records:
             stack = read_input(record, config.data)
             inputs = torch.from_numpy(preprocess_image(stack, config.data, record))[None]
             image = stack[..., centre]  # the slice itself, for display
-            probability = torch.sigmoid(model(inputs).float())
+            probability = probabilities(model, inputs, tta=tta)
             native = F.interpolate(probability, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
             truth = read_mask(record)
             slices.append({"slice_index": int(record["slice_index"]), "image": image,
                            "truth": np.zeros(image.shape[:2], bool) if truth is None else truth.astype(bool),
-                           "probability": native.numpy()})
+                           "prediction": native.numpy() > threshold})
+    if postprocess != "none":
+        for item, mask in zip(slices, postprocess_slices([item["prediction"] for item in slices], postprocess)):
+            item["prediction"] = mask
     return slices
 
 
@@ -218,12 +226,12 @@ def _slice_dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return scores(confusion_counts(prediction, truth))["dice"]
 
 
-def plot_overlay(slices: list[dict], title: str, path: Path, threshold: float = 0.5) -> list[int]:
+def plot_overlay(slices: list[dict], title: str, path: Path) -> list[int]:
     """FLAIR with the truth (green) and prediction (red) contours on the patient's slices with the most
     tumor (truth, or prediction where the patient has none); returns the slice indices shown."""
     tumor = np.array([s["truth"].sum() for s in slices])
     if not tumor.any():
-        tumor = np.array([(s["probability"] > threshold).sum() for s in slices])
+        tumor = np.array([s["prediction"].sum() for s in slices])
     order = np.argsort(-tumor, kind="stable")[:OVERLAY_SLICES] if tumor.any() else \
         np.array([len(slices) // 2])
     shown = sorted(order.tolist(), key=lambda i: slices[i]["slice_index"])
@@ -233,7 +241,7 @@ def plot_overlay(slices: list[dict], title: str, path: Path, threshold: float = 
         flair = item["image"][..., FLAIR if item["image"].shape[-1] > FLAIR else 0].astype(np.float32)
         low, high = np.percentile(flair, [1, 99.5])
         axis.imshow(np.clip((flair - low) / max(high - low, 1e-6), 0, 1), cmap="gray")
-        prediction = item["probability"] > threshold
+        prediction = item["prediction"]
         if item["truth"].any():
             axis.contour(item["truth"].astype(float), levels=[0.5], colors=["lime"], linewidths=1.2)
         if prediction.any():
@@ -251,15 +259,13 @@ def plot_overlay(slices: list[dict], title: str, path: Path, threshold: float = 
 
 def _overlays(study_dir: Path, scored: pd.DataFrame, per_patient: pd.DataFrame, figures: Path) -> str:
     config = json.loads((study_dir / "config.json").read_text())
+    tta, postprocess = config["infer"]["tta"], config["infer"]["postprocess"]  # as raysegm.tune scored them
     best = scored.loc[scored["val_dice"].idxmax()]
     if not {"trial_id", "volume_id", "dice"} <= set(per_patient.columns):
         return "## Overlays\n\nNone: the study has no per-patient table (per_patient.csv).\n"
     patients = per_patient[per_patient["trial_id"] == best["trial_id"]].sort_values(["dice", "volume_id"])
     if patients.empty:
         return ""
-    from raysegm.metrics import SegmentationMeter
-
-    threshold = SegmentationMeter().threshold  # the threshold the Dice in each title was scored at
     picks = [("best", patients.iloc[-1]), ("worst", patients.iloc[0])]
     if len(patients) == 1:
         picks = picks[:1]
@@ -270,12 +276,14 @@ def _overlays(study_dir: Path, scored: pd.DataFrame, per_patient: pd.DataFrame, 
     lines = [f"## Best and worst test patients of the best trial\n\nThe best trial by validation is "
              f"{best['trial_id']} ({best['model']}, batch {best['batch_size']}, {best['loss']}; validation "
              f"per-patient Dice {best['val_dice']:.3f}). Its checkpoint `{best['checkpoint']}` predicts "
-             f"every slice of each patient; shown are the slices with the most tumor.\n"]
+             f"every slice of each patient as the study scored it (TTA {'on' if tta else 'off'}, "
+             f"post-processing {postprocess}); shown are the slices with the most tumor.\n"]
     for which, patient in picks:
-        slices = predict_patient(best["checkpoint"], config["data"]["manifest"], patient["volume_id"])
+        slices = predict_patient(best["checkpoint"], config["data"]["manifest"], patient["volume_id"], tta=tta,
+                                 postprocess=postprocess)
         name = f"overlay_{which}.png"
         title = f"{which} patient {patient['volume_id']}: per-patient Dice {patient['dice']:.3f}"
-        shown = plot_overlay(slices, title, figures / name, threshold)
+        shown = plot_overlay(slices, title, figures / name)
         lines.append(f"- {which.capitalize()}: {patient['volume_id']}, per-patient Dice {patient['dice']:.3f} "
                      f"(slices {', '.join(map(str, shown))}).\n\n![{which} patient](figures/{name})\n")
     return "\n".join(lines) + "\n"

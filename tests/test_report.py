@@ -147,6 +147,47 @@ def test_a_study_copied_from_where_it_ran_gets_its_report_without_overlays(hand_
     assert "## Ablation results" in markdown and not (copy / "figures" / "overlay_best.png").exists()
 
 
+def test_the_overlays_show_the_masks_the_study_scored(hand_built_study):
+    """With the study's infer.tta and infer.postprocess on, the overlays predict with them too: each test
+    patient's Dice over predict_patient's masks is the one in per_patient.csv."""
+    from raysegm.checkpoint import load_model, load_training_state, save_checkpoint
+    from raysegm.data.context import read_input
+    from raysegm.data.discover import load_manifest
+    from raysegm.data.preprocess import preprocess_image
+    from raysegm.metrics import confusion_counts, scores
+    from raysegm.report import predict_patient
+
+    config = json.loads((hand_built_study / "config.json").read_text())
+    config["infer"].update(tta=True, postprocess="lcc+fill_holes")
+    (hand_built_study / "config.json").write_text(json.dumps(config))
+    # t1, the best trial by validation, becomes a random U-Net predicting about half of the pixels tumor
+    checkpoint = hand_built_study / "trials" / "trial-t1" / "checkpoint_0"
+    model, trial_config = load_model(checkpoint)
+    state = load_training_state(checkpoint)
+    manifest = load_manifest(config["data"]["manifest"])
+    inputs = torch.from_numpy(np.stack([preprocess_image(read_input(r, trial_config.data), trial_config.data, r)
+                                         for r in manifest.to_dict("records")]))
+    with torch.no_grad():
+        torch.nn.init.normal_(model.head.weight, std=1.0)
+        model.head.bias.zero_()
+        model.head.bias -= model(inputs).median()
+    save_checkpoint(checkpoint, model, trial_config, training_state=state)
+    write_results(hand_built_study)
+    per_patient = pd.read_csv(hand_built_study / "per_patient.csv", dtype={"trial_id": str, "volume_id": str})
+    differs = 0
+    for row in per_patient[per_patient["trial_id"] == "t1"].itertuples():
+        shown = predict_patient(str(checkpoint), config["data"]["manifest"], row.volume_id, tta=True,
+                                postprocess="lcc+fill_holes")
+        raw = predict_patient(str(checkpoint), config["data"]["manifest"], row.volume_id)
+        counts = sum(confusion_counts(s["prediction"], s["truth"]) for s in shown)
+        assert scores(counts)["dice"] == pytest.approx(row.dice), row.volume_id
+        differs += any((a["prediction"] != b["prediction"]).any() for a, b in zip(shown, raw))
+    assert differs, "TTA and post-processing must change some patient's masks for this check to mean anything"
+    write_report(hand_built_study)
+    check_report(hand_built_study)
+    assert "as the study scored it (TTA on, post-processing lcc+fill_holes)" in (hand_built_study / "report.md").read_text()
+
+
 def test_a_study_cut_short_before_its_per_patient_table_gets_a_note(hand_built_study):
     write_results(hand_built_study)
     (hand_built_study / "per_patient.csv").unlink()  # killed between results.csv and per_patient.csv
