@@ -88,7 +88,8 @@ def bare_throughput(config: ExperimentConfig, epochs: int) -> tuple[float, float
         batches = []
         started = time.perf_counter()
         for start in range(0, len(order), t.batch_size):
-            batch = load_slices(order.iloc[start:start + t.batch_size], config.data, augment=config.data.augment)
+            batch = load_slices(order.iloc[start:start + t.batch_size], config.data,
+                                augment=config.data.augment, intensity=True)
             images, masks = torch.from_numpy(batch["image"]), torch.from_numpy(batch["mask"])
             step(images, masks)
             batches.append((images, masks))

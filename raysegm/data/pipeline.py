@@ -14,8 +14,9 @@ Nothing reads the whole dataset into one process: the driver holds only the mani
 task decodes ROWS_PER_BLOCK slices. The dataset is re-executed on every pass (epoch), so the shuffle
 order and the augmentation differ between epochs.
 
-- Training split: paper 4.1 augmentation when `augment` is true (raysegm.data.preprocess), and the
-  intensity augmentation and sequence dropout where data.intensity_augment / sequence_dropout ask; tumor
+- Training split: paper 4.1 augmentation when `augment` is true (raysegm.data.preprocess), and, with
+  it or without it, the intensity augmentation and sequence dropout where data.intensity_augment /
+  sequence_dropout ask; tumor
   slices repeated floor(w) times plus once more with probability w - floor(w) for
   w = data.tumor_oversample > 1 (the extra copies are drawn once, from `seed`, when the dataset is
   built). The shuffle is Ray's random_shuffle seeded from `seed` and reseeded on each execution.
@@ -179,19 +180,23 @@ def load_slice(record, data: DataSettings, augmenter=None, rng=None,
     return image, mask[None].astype(np.float32)
 
 
-def load_slices(batch: pd.DataFrame, data: DataSettings, augment: bool) -> dict[str, np.ndarray]:
+def load_slices(batch: pd.DataFrame, data: DataSettings, augment: bool,
+                intensity: bool = False) -> dict[str, np.ndarray]:
     """`load_slice` over a batch of manifest rows (the map_batches function).
 
-    Returns image (B, C, S, S) float32, mask (B, 1, S, S) float32, volume_id (B,) str, slice_index
-    (B,) int32. Augmentation, when on, draws fresh entropy for each batch.
+    augment: the paper's geometric augmentation (`build_augmenter`); intensity: the intensity
+    augmentation and sequence dropout where data.intensity_augment / data.sequence_dropout ask. The
+    training split has intensity on whatever data.augment says. Returns image (B, C, S, S) float32, mask
+    (B, 1, S, S) float32, volume_id (B,) str, slice_index (B,) int32. Each batch draws fresh entropy,
+    one independent stream for each kind of augmentation.
     """
     augmenter = rng = None
     cache = process_read_cache(data.read_cache_mb)
+    geometric_seed, intensity_seed = (int(s) for s in np.random.SeedSequence().generate_state(2))
     if augment:
-        seed = int(np.random.SeedSequence().generate_state(1)[0])
-        augmenter = build_augmenter(data, seed=seed)
-        if data.intensity_augment or data.sequence_dropout:
-            rng = np.random.default_rng(seed)
+        augmenter = build_augmenter(data, seed=geometric_seed)
+    if intensity and (data.intensity_augment or data.sequence_dropout):
+        rng = np.random.default_rng(intensity_seed)
     images = np.empty((len(batch), data.model_channels, data.size, data.size), dtype=np.float32)
     masks = np.empty((len(batch), 1, data.size, data.size), dtype=np.float32)
     for i, record in enumerate(batch.to_dict("records")):
@@ -285,7 +290,7 @@ def build_dataset(manifest: pd.DataFrame, split: str, data: DataSettings, *, aug
         # Ray kills idle workers beyond its soft limit after a second, so an uncapped pool re-spawns
         # workers (and re-imports albumentations and torch in each) on every epoch.
         compute=ray.data.TaskPoolStrategy(size=data.read_tasks) if data.read_tasks else None,
-        fn_kwargs={"data": data, "augment": augment and training},
+        fn_kwargs={"data": data, "augment": augment and training, "intensity": training},
     )
     if not training:
         dataset.context.execution_options.preserve_order = True

@@ -140,8 +140,9 @@ def build_augmenter(data: DataSettings, seed: int | None = None):
 
     Affine: rotation +-data.rotate_limit deg, translation +-data.shift_limit of the side, zoom
     1 +- data.zoom_limit, shear +-data.shear_limit deg, on every call; horizontal flip with p = 0.5 when
-    data.hflip. The image is interpolated linearly, the mask by nearest neighbour (it stays binary);
-    the border is filled with 0 in both. Returns an albumentations Compose.
+    data.hflip, drawn independently of the affine. The image is interpolated linearly, the mask by
+    nearest neighbour (it stays binary); the border is filled with 0 in both. Returns an albumentations
+    Compose.
     """
     # albumentations imports torch, so only augmenting workers pay for it; and it would ask PyPI for a
     # newer version of itself on import, from every Ray worker, unless told not to
@@ -165,7 +166,13 @@ def build_augmenter(data: DataSettings, seed: int | None = None):
     ]
     if data.hflip:
         transforms.append(A.HorizontalFlip(p=0.5))
-    return A.Compose(transforms, seed=seed)
+    augmenter = A.Compose(transforms, seed=seed)
+    if seed is not None:
+        # Compose seeds every transform with the same number, so the flip's coin would be the affine's
+        # first draw (a slice flipped exactly when it is shifted left): each gets its own stream instead.
+        for transform, own in zip(augmenter.transforms, np.random.SeedSequence(seed).generate_state(len(transforms))):
+            transform.set_random_seed(int(own))
+    return augmenter
 
 
 def augment(image: np.ndarray, mask: np.ndarray, augmenter) -> tuple[np.ndarray, np.ndarray]:
