@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dire
 
 from raysegm.config import POSTPROCESS, load_config  # noqa: E402
 from raysegm.infer import infer, saved_infer_choices  # noqa: E402
-from raysegm.storage import check_job_outputs  # noqa: E402
+from raysegm.storage import check_job_inputs, check_job_outputs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="auto" if os.environ.get("RAY_ADDRESS") else None)
     args = parser.parse_args(argv)
     try:
+        check_job_inputs(**{"--checkpoint": args.checkpoint, "--input": args.input})
         config = load_config(args.config, args.overrides, base={"infer": saved_infer_choices(args.checkpoint)})
         check_job_outputs(**{"--output": args.output})
         infer(args.checkpoint, args.input, args.output, config.infer, tta=args.tta, postprocess=args.postprocess,

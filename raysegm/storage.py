@@ -19,15 +19,37 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(location).resolve())
 
 
+def _in_working_dir_job() -> bool:
+    """Whether this driver is a job submitted with `ray job submit --working-dir`."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return bool((job.get("runtime_env") or {}).get("working_dir"))
+
+
+def _relative(value: str) -> bool:
+    return bool(value) and "://" not in value and not Path(value).expanduser().is_absolute()
+
+
+def check_job_inputs(**locations: str) -> None:
+    """Name a relative input location (data folder, manifest, archive, checkpoint) that a job submitted
+    with a working directory cannot see: its driver runs in a temporary copy of that directory, which
+    Ray uploads without what .gitignore lists (data/, scratch/, runs/), so `data/kaggle_3m` of the
+    checkout is not there. Relative inputs that did travel with it are fine; empty ones are not given."""
+    if not _in_working_dir_job():
+        return
+    missing = [f"{name} {value!r}" for name, value in locations.items() if _relative(value) and not Path(value).exists()]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} is relative and not in this job's copy of its working directory "
+                         f"({os.getcwd()}; `ray job submit` leaves out what .gitignore lists): give an absolute "
+                         f"path every node can reach (a shared mount) or a URI")
+
+
 def check_job_outputs(**locations: str) -> None:
     """Refuse relative output locations in a job submitted with a working directory (`ray job submit
     --working-dir`): its driver runs in a temporary copy of that directory, on the head node only,
     which a later submission replaces, so a relative run folder or output would be written there."""
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    if not (job.get("runtime_env") or {}).get("working_dir"):
+    if not _in_working_dir_job():
         return
-    relative = [f"{name} {value!r}" for name, value in locations.items()
-                if "://" not in value and not Path(value).expanduser().is_absolute()]
+    relative = [f"{name} {value!r}" for name, value in locations.items() if _relative(value)]
     if relative:
         raise ValueError(f"{', '.join(relative)} is relative, and this job runs in a temporary copy of its "
                          f"working directory ({os.getcwd()}): give an absolute path every node can reach "

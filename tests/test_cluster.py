@@ -126,6 +126,20 @@ def test_a_relative_output_in_a_submitted_job_is_refused(cluster, working_dir):
         assert "Traceback" not in output  # refused by the job itself, exit 2, before any Ray work
 
 
+def test_a_relative_input_left_out_of_the_working_dir_is_named(cluster, working_dir, tmp_path):
+    """paper.yaml's data_dir, data/kaggle_3m, is relative and .gitignore'd: the job's copy has no such
+    folder, and the job says why, rather than 'data folder not found' under a temporary path."""
+    for entrypoint, named in ((["python", "jobs/train.py", "--config", "configs/paper.yaml",
+                                "--set", f"run.storage_path={tmp_path}"], "data.data_dir 'data/kaggle_3m'"),
+                              (["python", "jobs/infer.py", "--checkpoint", "runs/paper", "--input", "/nowhere",
+                                "--output", str(tmp_path / "masks")], "--checkpoint 'runs/paper'")):
+        proc = cluster.submit(entrypoint, working_dir=str(working_dir), timeout=300)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0, _readable(output)
+        assert f"{named} is relative and not in this job's copy of its working directory" in output, _readable(output)
+        assert "Traceback" not in output
+
+
 @pytest.fixture(scope="module")
 def ablation_study(cluster, working_dir, tmp_path_factory) -> Path:
     storage = tmp_path_factory.mktemp("runs")
