@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         check_job_outputs(**{"run.storage_path": config.run.storage_path})
-        check_job_inputs(**{"data.data_dir": config.data.data_dir, "data.manifest": config.data.manifest})
+        # a manifest, where given, is what is read (its data_dir is then ignored)
+        check_job_inputs(**({"data.manifest": config.data.manifest} if config.data.manifest
+                            else {"data.data_dir": config.data.data_dir}))
         if os.environ.get("RAY_ADDRESS") and not config.scale.ray_address:
             config = replace(config, scale={"ray_address": "auto"})
         summary = train(config, resume=args.resume)

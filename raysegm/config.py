@@ -150,7 +150,7 @@ class InferSettings:
 
 # Settings that change how a run runs (processes, memory, batching of the scoring, tracking), not what it
 # trains or measures: `raysegm cv --resume` and `train --resume` let them change, `tune --resume` the data
-# ones (Tune restores its own as the study started them).
+# and infer ones (Tune restores its own as the study started them).
 RUN_ONLY = {"data": ("read_cpus", "read_tasks", "read_cache_mb"),
             "infer": ("batch_size", "replicas", "cpus_per_replica", "gpus_per_replica", "torch_threads",
                       "read_cpus", "read_tasks", "local_num_cpus", "object_store_mb"),

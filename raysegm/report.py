@@ -188,7 +188,7 @@ def predict_patient(checkpoint: str, manifest_path: str, volume_id: str, *, tta:
     from raysegm.checkpoint import load_model
     from raysegm.data.context import read_input, with_context
     from raysegm.data.discover import load_manifest
-    from raysegm.data.io import read_mask
+    from raysegm.data.io import is_missing, read_mask
     from raysegm.data.preprocess import preprocess_image
     from raysegm.infer import postprocess_slices, probabilities
     from raysegm.metrics import SegmentationMeter
@@ -199,6 +199,8 @@ def predict_patient(checkpoint: str, manifest_path: str, volume_id: str, *, tta:
     records = volume.sort_values("slice_index").to_dict("records")
     if not records:
         raise ValueError(f"{manifest_path}: no slices of patient {volume_id!r}")
+    labeled = [record for record in records if not is_missing(record["mask_path"])]
+    records = labeled or records  # the slices raysegm.evaluate scores (and post-processes), where labeled
     channels, k = config.data.in_channels, config.data.context_slices
     centre = slice(k * channels, (k + 1) * channels)  # of a 2.5D stack (raysegm.data.context)
     threshold = SegmentationMeter().threshold

@@ -26,7 +26,8 @@ def _in_working_dir_job() -> bool:
 
 
 def _relative(value: str) -> bool:
-    return bool(value) and "://" not in value and not Path(value).expanduser().is_absolute()
+    """Neither a URI nor an absolute path; "" too (it resolves to the current directory)."""
+    return "://" not in value and not Path(value).expanduser().is_absolute()
 
 
 def check_job_inputs(**locations: str) -> None:
@@ -36,7 +37,8 @@ def check_job_inputs(**locations: str) -> None:
     checkout is not there. Relative inputs that did travel with it are fine; empty ones are not given."""
     if not _in_working_dir_job():
         return
-    missing = [f"{name} {value!r}" for name, value in locations.items() if _relative(value) and not Path(value).exists()]
+    missing = [f"{name} {value!r}" for name, value in locations.items()
+               if value and _relative(value) and not Path(value).exists()]
     if missing:
         raise ValueError(f"{', '.join(missing)} is relative and not in this job's copy of its working directory "
                          f"({os.getcwd()}; `ray job submit` leaves out what .gitignore lists): give an absolute "

@@ -57,13 +57,14 @@ MAIN_AXES = ("model.variant", "train.batch_size", "train.loss")
 # difference, so a pair gets no verdict.
 MIN_PATIENTS_FOR_VERDICT = 5
 # Keys that may change when a study is resumed: where and how it runs, not what it measures. The data
-# and infer ones of RUN_ONLY (read workers, their cache; inference batches, replicas, threads) are applied
-# to the resumed study, not infer.tta or infer.postprocess, which score its trials; data.manifest may be
-# left out or differ, and the study keeps the one it resolved at its start. Tune's own (trials at once,
+# and infer ones of RUN_ONLY (read workers, their cache; inference batches, replicas, threads) are
+# applied to the resumed study, and infer.threshold (the output masks'; the scores threshold at the
+# contract's 0.5) may change as in `raysegm cv`; not infer.tta or infer.postprocess, which score its
+# trials. data.manifest may be left out or differ, and the study keeps the one it resolved at its start. Tune's own (trials at once,
 # trial CPUs, MLflow tracking) may not change: Tuner.restore reloads them from the experiment state as
 # the study started, and each restored trial keeps its resource request.
 RESUMED_RUN_ONLY = ("data", "infer")
-RESUMABLE_KEYS = ("scale.", "run.", "data.manifest",
+RESUMABLE_KEYS = ("scale.", "run.", "data.manifest", "infer.threshold",
                   *(f"{section}.{key}" for section in RESUMED_RUN_ONLY for key in RUN_ONLY[section]))
 # The paper's Table 5 as printed (accuracy, Dice, IoU, loss).
 PAPER_TABLE5 = [
@@ -548,12 +549,13 @@ def write_results(study_dir: str | Path) -> pd.DataFrame:
         })
     results = pd.DataFrame(rows)
     per_patient_table = pd.concat(per_patient, ignore_index=True) if per_patient else pd.DataFrame()
-    _write_table(study_dir, "results", results, results_markdown(results, extra_keys))
+    note = scoring_note(config.infer.tta, config.infer.postprocess)
+    _write_table(study_dir, "results", results, results_markdown(results, extra_keys, note))
     _write_json(study_dir / "results.json", json.loads(results.to_json(orient="records")))
     pd.DataFrame(curves).to_csv(study_dir / "curves.csv", index=False)
     per_patient_table.to_csv(study_dir / "per_patient.csv", index=False)
     summary_table = variant_summary(results)
-    _write_table(study_dir, "summary", summary_table, summary_markdown(summary_table, results))
+    _write_table(study_dir, "summary", summary_table, summary_markdown(summary_table, results, note))
     paired = paired_differences(results, per_patient_table, extra_keys)
     _write_table(study_dir, "paired", paired, paired_markdown(paired))
     (study_dir / "paper.md").write_text(paper_comparison(summary_table))
@@ -704,7 +706,13 @@ METRIC_NOTE = (
 )
 
 
-def results_markdown(results: pd.DataFrame, extra_keys=()) -> str:
+def scoring_note(tta: bool, postprocess: str) -> str:
+    """METRIC_NOTE with the inference settings the trials' test masks were made with."""
+    return (METRIC_NOTE + f"Test masks made with TTA {'on' if tta else 'off'} and post-processing {postprocess} "
+            "(the study's infer.tta and infer.postprocess).\n")
+
+
+def results_markdown(results: pd.DataFrame, extra_keys=(), note: str = METRIC_NOTE) -> str:
     """results.md: one row per trial."""
     header = ["trial", "status", "model", "encoder", "batch", "loss", *extra_keys,
               "per-patient Dice [95% CI]", "median", "IoU", "pooled Dice", "pixel acc.", "precision",
@@ -724,10 +732,10 @@ def results_markdown(results: pd.DataFrame, extra_keys=()) -> str:
                                               "epochs_completed")],
                      None if _get(row, "train_time_s") is None else f"{row['train_time_s']:.1f}",
                      params, patients])
-    return "# Ablation results (test split)\n\n" + markdown_table(header, rows) + "\n" + METRIC_NOTE
+    return "# Ablation results (test split)\n\n" + markdown_table(header, rows) + "\n" + note
 
 
-def summary_markdown(summary: pd.DataFrame, results: pd.DataFrame) -> str:
+def summary_markdown(summary: pd.DataFrame, results: pd.DataFrame, note: str = METRIC_NOTE) -> str:
     """summary.md: per variant, the trial chosen by validation and the spread over trials; a variant
     whose every trial failed is named below the table."""
     header = ["variant", "model", "trials scored (failed)", "chosen trial (batch, loss)",
@@ -743,7 +751,7 @@ def summary_markdown(summary: pd.DataFrame, results: pd.DataFrame) -> str:
               + " was scored; results.md gives each error.\n" if unscored else "")
     return ("# Per-variant summary\n\nEach variant's trial is chosen by validation per-patient Dice; the test "
             "numbers are reported for it, never used to choose it.\n\n" + markdown_table(header, rows)
-            + failed + "\n" + METRIC_NOTE)
+            + failed + "\n" + note)
 
 
 def paired_markdown(paired: pd.DataFrame) -> str:

@@ -98,6 +98,36 @@ def test_infer_job_names_a_missing_checkpoint(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_working_dir_job_refuses_relative_outputs_and_names_inputs_it_cannot_see(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from raysegm.storage import check_job_inputs, check_job_outputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "present").mkdir()
+    check_job_outputs(out="runs")  # a local run: anything goes
+    check_job_inputs(data="absent")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"working_dir": "."}}')
+    for relative in ("runs", ""):  # "" resolves to the job's temporary copy too
+        with pytest.raises(ValueError, match=f"out {relative!r} is relative, and this job runs in a temporary copy"):
+            check_job_outputs(out=relative)
+    check_job_outputs(out="/mnt/shared/runs", uri="s3://bucket/runs")
+    check_job_inputs(data="present", none="", absolute="/mnt/shared/absent", uri="s3://bucket/data")
+    with pytest.raises(ValueError, match=r"data 'absent' is relative and not in this job's copy .*\.gitignore"):
+        check_job_inputs(data="absent", other="present")
+    # jobs/train.py reads a given manifest, not the preset's relative data_dir (paper.yaml: data/kaggle_3m)
+    spec = importlib.util.spec_from_file_location("train_job", Path(__file__).resolve().parents[1] / "jobs" / "train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    preset = str(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
+    assert job.main(["--config", preset, "--set", f"run.storage_path={tmp_path / 'runs'}"]) == 2
+    assert "data.data_dir 'data/kaggle_3m' is relative and not in this job's copy" in capsys.readouterr().err
+    assert job.main(["--config", preset, "--set", f"run.storage_path={tmp_path / 'runs'}",
+                     "--set", f"data.manifest={tmp_path / 'absent.parquet'}", "--set", "train.epochs=0"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("jobs/train.py: error:") and "is relative" not in error, error
+
+
 def test_a_bad_preset_is_named_with_its_reason(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("train:\n  epochs: [3\n")

@@ -549,6 +549,15 @@ def test_the_training_batches_get_sequence_dropout_and_evaluation_batches_do_not
         assert not np.array_equal(plain[:, 0], plain[:, 1]) and not np.array_equal(plain[:, 2], plain[:, 1])
 
 
+def test_the_train_split_gets_sequence_dropout_with_data_augment_off_and_val_does_not(ray_session, synth_manifest):
+    data = DataSettings(size=64, sequence_dropout=1.0, augment=False)
+    train = _collect(build_dataset(synth_manifest, "train", data, augment=data.augment))
+    np.testing.assert_array_equal(train["image"][:, 0], train["image"][:, 1])  # pre-contrast is FLAIR
+    np.testing.assert_array_equal(train["image"][:, 2], train["image"][:, 1])  # post-contrast too
+    val = _collect(build_dataset(synth_manifest, "val", data, augment=False))
+    assert not np.array_equal(val["image"][:, 0], val["image"][:, 1])
+
+
 def test_train_split_without_augmentation_is_the_plain_preprocessing(ray_session, synth_manifest):
     data = DataSettings(size=64)
     out = _collect(build_dataset(synth_manifest, "train", data, augment=False))

@@ -173,6 +173,7 @@ def test_the_overlays_show_the_masks_the_study_scored(hand_built_study):
         model.head.bias -= model(inputs).median()
     save_checkpoint(checkpoint, model, trial_config, training_state=state)
     write_results(hand_built_study)
+    assert "made with TTA on and post-processing lcc+fill_holes" in (hand_built_study / "results.md").read_text()
     per_patient = pd.read_csv(hand_built_study / "per_patient.csv", dtype={"trial_id": str, "volume_id": str})
     differs = 0
     for row in per_patient[per_patient["trial_id"] == "t1"].itertuples():

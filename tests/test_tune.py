@@ -173,7 +173,8 @@ def test_a_resumed_study_takes_new_read_settings_and_keeps_what_it_measures(tmp_
     # Nor how its trials are scored after the search.
     with pytest.raises(ValueError, match=r"infer.postprocess 'none' -> 'lcc', infer.tta False -> True"):
         _resumed_config(tmp_path / "held", replace(faster, infer={"tta": True, "postprocess": "lcc"}))
-    wider = _resumed_config(tmp_path / "held", replace(faster, infer={"batch_size": 64, "replicas": 2}))
+    wider = _resumed_config(tmp_path / "held", replace(faster, infer={"batch_size": 64, "replicas": 2,
+                                                                      "threshold": 0.4}))
     assert (wider.infer.batch_size, wider.infer.replicas) == (64, 2)
     # The data that is trained on is not: a new size or context is refused, naming each setting.
     other = replace(faster, data={"size": 32, "context_slices": 1})
@@ -448,6 +449,8 @@ def test_trials_are_scored_with_the_studys_infer_settings(study, tmp_path):
                                        postprocess="lcc+fill_holes")
         assert scored["per_patient"] == json.loads(json.dumps(expected["per_patient"]))
         assert trial["dice_mean"] == pytest.approx(expected["per_patient"]["dice"]["mean"])
+    for table in ("results.md", "summary.md"):
+        assert "made with TTA on and post-processing lcc+fill_holes" in (copy / table).read_text()
 
 
 def _wait_for(predicate, timeout: float, what: str, process=None):
