@@ -228,6 +228,7 @@ def _resumed_config(study_dir: Path, config: ExperimentConfig) -> ExperimentConf
     operational = {"scale": to_dict(config)["scale"]}
     for section in RESUMED_RUN_ONLY:
         operational[section] = {key: getattr(getattr(config, section), key) for key in RUN_ONLY[section]}
+    operational["infer"]["threshold"] = config.infer.threshold  # resumable above: applied, not just allowed
     return replace(saved, **operational)
 
 

@@ -175,7 +175,7 @@ def test_a_resumed_study_takes_new_read_settings_and_keeps_what_it_measures(tmp_
         _resumed_config(tmp_path / "held", replace(faster, infer={"tta": True, "postprocess": "lcc"}))
     wider = _resumed_config(tmp_path / "held", replace(faster, infer={"batch_size": 64, "replicas": 2,
                                                                       "threshold": 0.4}))
-    assert (wider.infer.batch_size, wider.infer.replicas) == (64, 2)
+    assert (wider.infer.batch_size, wider.infer.replicas, wider.infer.threshold) == (64, 2, 0.4)
     # The data that is trained on is not: a new size or context is refused, naming each setting.
     other = replace(faster, data={"size": 32, "context_slices": 1})
     with pytest.raises(ValueError, match=r"data.context_slices 0 -> 1, data.size 64 -> 32"):
