@@ -7,8 +7,8 @@
 Under `ray job submit --working-dir` the driver starts in a temporary copy of the working
 directory, so `run.storage_path` must be an absolute path every node can reach; a relative one is
 refused. So is a relative `data.data_dir` or `data.manifest` that is not in that copy (Ray uploads the
-directory without what .gitignore lists, `data/` among it). With RAY_ADDRESS set (as it is for a submitted job) the run joins that cluster; otherwise
-it starts a local Ray, like `raysegm train`.
+directory without what .gitignore lists, `data/` among it). With RAY_ADDRESS set (as it is for a
+submitted job) the run joins that cluster; otherwise it starts a local Ray, like `raysegm train`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working directory's raysegm, uninstalled
 
 from raysegm.config import load_config, replace  # noqa: E402
-from raysegm.storage import check_job_inputs, check_job_outputs  # noqa: E402
+from raysegm.storage import check_job_data, check_job_outputs  # noqa: E402
 from raysegm.train import train  # noqa: E402
 
 
@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         check_job_outputs(**{"run.storage_path": config.run.storage_path})
-        # a manifest, where given, is what is read (its data_dir is then ignored)
-        check_job_inputs(**({"data.manifest": config.data.manifest} if config.data.manifest
-                            else {"data.data_dir": config.data.data_dir}))
+        check_job_data(config.data)
         if os.environ.get("RAY_ADDRESS") and not config.scale.ray_address:
             config = replace(config, scale={"ray_address": "auto"})
         summary = train(config, resume=args.resume)

@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="horizontal-flip test-time augmentation (default: the checkpoint's infer.tta)")
     p.add_argument("--postprocess", choices=POSTPROCESS, default=None,
-                   help="default: the checkpoint's infer.postprocess; none: the raw masks; lcc: keep the largest 3D connected component per volume (lcc_slices: the one "
-                        "spanning the most slices); fill_holes: fill the holes of each slice's mask; "
+                   help="default: the checkpoint's infer.postprocess; none: the raw masks; lcc: keep the "
+                        "largest 3D connected component per volume (lcc_slices: the one spanning the most "
+                        "slices); fill_holes: fill the holes of each slice's mask; "
                         "lcc+fill_holes, lcc_slices+fill_holes: both, in that order")
     p.set_defaults(handler=_evaluate)
 

@@ -155,6 +155,9 @@ RUN_ONLY = {"data": ("read_cpus", "read_tasks", "read_cache_mb"),
             "infer": ("batch_size", "replicas", "cpus_per_replica", "gpus_per_replica", "torch_threads",
                       "read_cpus", "read_tasks", "local_num_cpus", "object_store_mb"),
             "tune": ("max_concurrent_trials", "trial_cpus", "mlflow_tracking_uri")}
+# What a scored study (`raysegm cv`, `tune`) may change on resume besides: its scores threshold at the
+# metric contract's 0.5, so infer.threshold (the output masks') is free too.
+SCORED_RUN_ONLY = {**RUN_ONLY, "infer": (*RUN_ONLY["infer"], "threshold")}
 
 
 def changed_settings(saved: dict, config: ExperimentConfig, sections: tuple[str, ...] = ("data", "model", "train", "infer"),

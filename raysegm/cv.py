@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raysegm.config import RUN_ONLY, ExperimentConfig, changed_settings, replace, save_json
+from raysegm.config import SCORED_RUN_ONLY, ExperimentConfig, changed_settings, replace, save_json
 
 DEFAULT_FOLDS = 5  # k when neither --folds nor data.folds gives one
 
@@ -125,10 +125,8 @@ def members(fold: int, config: ExperimentConfig) -> list[tuple[str, int]]:
 
 
 def _check_same(saved: dict, config: ExperimentConfig, path: Path) -> None:
-    # Where and how it runs may change on resume (scale, run, RUN_ONLY); what it measures may not. The
-    # scores threshold at the metric contract's 0.5, so infer.threshold (the output masks') is free too.
-    allowed = {**RUN_ONLY, "infer": (*RUN_ONLY["infer"], "threshold")}
-    changed = changed_settings(saved, config, allowed=allowed)
+    # Where and how it runs may change on resume (scale, run, SCORED_RUN_ONLY); what it measures may not.
+    changed = changed_settings(saved, config, allowed=SCORED_RUN_ONLY)
     if changed:
         raise ValueError(f"{path}: the cross-validation was started with other settings ({', '.join(changed)}); "
                          f"resume it with the same config or choose another run.name")

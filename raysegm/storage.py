@@ -45,6 +45,13 @@ def check_job_inputs(**locations: str) -> None:
                          f"path every node can reach (a shared mount) or a URI")
 
 
+def check_job_data(data) -> None:
+    """`check_job_inputs` for a config's data section: its manifest where given (discovery then ignores
+    data_dir), else its data_dir."""
+    check_job_inputs(**({"data.manifest": data.manifest} if data.manifest
+                        else {"data.data_dir": data.data_dir}))
+
+
 def check_job_outputs(**locations: str) -> None:
     """Refuse relative output locations in a job submitted with a working directory (`ray job submit
     --working-dir`): its driver runs in a temporary copy of that directory, on the head node only,

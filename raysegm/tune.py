@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from raysegm.config import RUN_ONLY, ExperimentConfig, from_dict, replace, save_json, to_dict
+from raysegm.config import SCORED_RUN_ONLY, ExperimentConfig, from_dict, replace, save_json, to_dict
 from raysegm.storage import replace_atomically
 from raysegm.train import VAL_METRIC, absolute_paths, absolute_saved_paths, by_address, check_worker_resources
 
@@ -57,15 +57,15 @@ MAIN_AXES = ("model.variant", "train.batch_size", "train.loss")
 # difference, so a pair gets no verdict.
 MIN_PATIENTS_FOR_VERDICT = 5
 # Keys that may change when a study is resumed: where and how it runs, not what it measures. The data
-# and infer ones of RUN_ONLY (read workers, their cache; inference batches, replicas, threads) are
-# applied to the resumed study, and infer.threshold (the output masks'; the scores threshold at the
-# contract's 0.5) may change as in `raysegm cv`; not infer.tta or infer.postprocess, which score its
-# trials. data.manifest may be left out or differ, and the study keeps the one it resolved at its start. Tune's own (trials at once,
-# trial CPUs, MLflow tracking) may not change: Tuner.restore reloads them from the experiment state as
-# the study started, and each restored trial keeps its resource request.
+# and infer ones of SCORED_RUN_ONLY (read workers, their cache; inference batches, replicas, threads,
+# threshold), as `raysegm cv` allows, are applied to the resumed study; not infer.tta or
+# infer.postprocess, which score its trials. data.manifest may be left out or differ, and the study
+# keeps the one it resolved at its start. Tune's own (trials at once, trial CPUs, MLflow tracking) may
+# not change: Tuner.restore reloads them from the experiment state as the study started, and each
+# restored trial keeps its resource request.
 RESUMED_RUN_ONLY = ("data", "infer")
-RESUMABLE_KEYS = ("scale.", "run.", "data.manifest", "infer.threshold",
-                  *(f"{section}.{key}" for section in RESUMED_RUN_ONLY for key in RUN_ONLY[section]))
+RESUMABLE_KEYS = ("scale.", "run.", "data.manifest",
+                  *(f"{section}.{key}" for section in RESUMED_RUN_ONLY for key in SCORED_RUN_ONLY[section]))
 # The paper's Table 5 as printed (accuracy, Dice, IoU, loss).
 PAPER_TABLE5 = [
     ("Baseline Model (Dattangire et al.)", 0.95, 0.85, 0.75, None),
@@ -227,8 +227,8 @@ def _resumed_config(study_dir: Path, config: ExperimentConfig) -> ExperimentConf
                          + ", ".join(f"{key} {before[key]!r} -> {after.get(key)!r}" for key in changed))
     operational = {"scale": to_dict(config)["scale"]}
     for section in RESUMED_RUN_ONLY:
-        operational[section] = {key: getattr(getattr(config, section), key) for key in RUN_ONLY[section]}
-    operational["infer"]["threshold"] = config.infer.threshold  # resumable above: applied, not just allowed
+        operational[section] = {key: getattr(getattr(config, section), key)
+                                for key in SCORED_RUN_ONLY[section]}
     return replace(saved, **operational)
 
 

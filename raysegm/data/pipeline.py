@@ -16,10 +16,9 @@ order and the augmentation differ between epochs.
 
 - Training split: paper 4.1 augmentation when `augment` is true (raysegm.data.preprocess), and, with
   it or without it, the intensity augmentation and sequence dropout where data.intensity_augment /
-  sequence_dropout ask; tumor
-  slices repeated floor(w) times plus once more with probability w - floor(w) for
-  w = data.tumor_oversample > 1 (the extra copies are drawn once, from `seed`, when the dataset is
-  built). The shuffle is Ray's random_shuffle seeded from `seed` and reseeded on each execution.
+  sequence_dropout ask; tumor slices repeated floor(w) times plus once more with probability
+  w - floor(w) for w = data.tumor_oversample > 1 (the extra copies are drawn once, from `seed`, when
+  the dataset is built). The shuffle is Ray's random_shuffle seeded from `seed` and reseeded on each execution.
   Augmentation draws fresh entropy in each task: Ray runs tasks in parallel, so exact replay of an
   epoch is not offered.
 - Validation and test splits: no augmentation, oversampling or shuffle; every slice exactly once, in

@@ -170,7 +170,8 @@ def build_augmenter(data: DataSettings, seed: int | None = None):
     if seed is not None:
         # Compose seeds every transform with the same number, so the flip's coin would be the affine's
         # first draw (a slice flipped exactly when it is shifted left): each gets its own stream instead.
-        for transform, own in zip(augmenter.transforms, np.random.SeedSequence(seed).generate_state(len(transforms))):
+        own_seeds = np.random.SeedSequence(seed).generate_state(len(transforms))
+        for transform, own in zip(augmenter.transforms, own_seeds):
             transform.set_random_seed(int(own))
     return augmenter
 
